@@ -1,0 +1,49 @@
+"""The dataset registry and the in-memory dataset record every loader builds on."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdrun.registry import Registry
+
+DATASETS: Registry = Registry("dataset")
+
+
+def register_dataset(name: str, description: str | None = None):
+    """Register `load(cfg) -> ImageData | FolderData` under `name`; `cfg` is the `dataset` config node.
+
+    A loader checks its files first and raises ConfigError naming `dataset.root` when they are missing.
+    """
+    return DATASETS.register(name, description)
+
+
+@dataclass
+class ImageData:
+    """A whole dataset as uint8 image tensors (N, C, H, W) with int64 labels, plus how to augment it."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int  # random-crop padding in pixels for training (0: no crop)
+    hflip: bool        # random horizontal flips for training (never for digits)
+
+    @property
+    def in_channels(self) -> int:
+        return self.train_images.shape[1]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])
+
+    def __post_init__(self):
+        for split, images, labels in (("train", self.train_images, self.train_labels),
+                                      ("test", self.test_images, self.test_labels)):
+            if images.dtype != torch.uint8 or images.ndim != 4:
+                raise ValueError(f"{split} images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
+            if len(images) != len(labels):
+                raise ValueError(f"{split}: {len(images)} images but {len(labels)} labels")
