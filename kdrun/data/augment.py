@@ -15,8 +15,9 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
     rows = offsets[0, :, None] + torch.arange(h, device=images.device)  # n x h
     cols = offsets[1, :, None] + torch.arange(w, device=images.device)  # n x w
     batch = torch.arange(n, device=images.device)[:, None, None]
-    # Advanced indexing gathers n x h x w x C; move channels back to dim 1.
-    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    # Advanced indexing gathers n x h x w x C; move channels back to dim 1 in contiguous NCHW memory, since
+    # channels-last strides would silently send every conv and batch norm down a slow path on the CPU.
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
 def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -7,6 +7,7 @@ import math
 import torch
 
 from kdrun.data.augment import normalize, random_crop, random_hflip
+from kdrun.data.imagefolder import FolderData, FolderLoader, make_folder_loaders
 from kdrun.data.registry import ImageData
 
 
@@ -57,9 +58,15 @@ class TensorLoader:
             yield normalize(images, self.mean, self.std), self.labels[index], index
 
 
-def make_loaders(data: ImageData, batch_size: int, device, seed: int,
-                 eval_batch_size: int = 512) -> tuple[TensorLoader, TensorLoader]:
-    """Training loader (shuffled, augmented) and test loader (ordered, plain) for an in-memory dataset."""
+def make_loaders(data: ImageData | FolderData, batch_size: int, device, seed: int,
+                 eval_batch_size: int = 512) -> tuple[TensorLoader | FolderLoader, TensorLoader | FolderLoader]:
+    """Training loader (shuffled, augmented) and test loader (ordered, plain) for a dataset record.
+
+    An in-memory `ImageData` gets TensorLoaders; an image folder (`FolderData`) gets DataLoader-backed
+    FolderLoaders. Both yield `(images, labels, indices)` on `device` and have `len()` and `num_samples`.
+    """
+    if isinstance(data, FolderData):
+        return make_folder_loaders(data, batch_size, device, seed, eval_batch_size)
     train = TensorLoader(data.train_images, data.train_labels, batch_size, data.mean, data.std, device,
                          train=True, crop_padding=data.crop_padding, hflip=data.hflip, seed=seed)
     test = TensorLoader(data.test_images, data.test_labels, eval_batch_size, data.mean, data.std, device,

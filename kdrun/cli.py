@@ -1,0 +1,43 @@
+"""Entry point: `kdrun ls ...` and `kdrun compare ...` subcommands, otherwise the Hydra app."""
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+
+from kdrun.errors import ConfigError
+
+err = Console(stderr=True)
+SUBCOMMANDS = ("ls", "compare")
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]kdrun: error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            from kdrun import commands
+
+            sys.exit(commands.run_subcommand(argv[0], argv[1:]))
+        from kdrun.overrides import check_group_choices
+
+        check_group_choices(argv)
+    except ConfigError as exc:
+        fail(str(exc))
+    run_hydra(argv)
+
+
+def run_hydra(argv: list[str]) -> None:
+    import hydra
+
+    from kdrun.app import experiment_job
+    from kdrun.config_store import register_model_groups
+    from kdrun.paths import conf_dir
+
+    register_model_groups()
+    sys.argv = ["kdrun", *argv]
+    hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(experiment_job)()

@@ -1,0 +1,78 @@
+"""`kdrun ls ...` (what exists) and `kdrun compare ...` (result tables)."""
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from kdrun.errors import ConfigError
+
+out = Console()
+
+
+def run_subcommand(name: str, args: list[str]) -> int:
+    if name == "ls":
+        return ls_command(args)
+    from kdrun.compare import compare_command
+
+    return compare_command(args)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"--input={text} is not allowed: give CxHxW, e.g. 3x32x32")
+    return shape
+
+
+def ls_command(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kdrun ls", description="List registry entries.")
+    parser.add_argument("what", choices=("models", "methods", "datasets", "layers"))
+    parser.add_argument("model", nargs="?", help="model name (for `ls layers`)")
+    parser.add_argument("--input", default="3x32x32", help="input shape CxHxW for `ls layers` (default 3x32x32)")
+    parser.add_argument("--classes", type=int, default=100, help="number of classes for `ls layers` (default 100)")
+    opts = parser.parse_args(args)
+    if opts.what == "layers":
+        if not opts.model:
+            raise ConfigError("`kdrun ls layers` needs a model name, e.g. kdrun ls layers resnet26")
+        return ls_layers(opts.model, parse_shape(opts.input), opts.classes)
+    registry = registry_of(opts.what)
+    table = Table(title=f"kdrun {opts.what}")
+    table.add_column("name", style="bold")
+    table.add_column("description")
+    for entry in registry.names():
+        table.add_row(entry, registry.describe(entry))
+    out.print(table)
+    return 0
+
+
+def registry_of(what: str):
+    if what == "models":
+        from kdrun.models import MODELS
+
+        return MODELS
+    if what == "methods":
+        from kdrun.methods import METHODS
+
+        return METHODS
+    from kdrun.data import DATASETS
+
+    return DATASETS
+
+
+def ls_layers(name: str, input_shape: tuple[int, ...], classes: int) -> int:
+    from kdrun.features import layer_table
+    from kdrun.models import create_model
+
+    model = create_model(name, num_classes=classes, in_channels=input_shape[0])
+    table = Table(title=f"{name} layers for input {'x'.join(map(str, input_shape))}")
+    for column in ("alias", "module path", "output shape"):
+        table.add_column(column)
+    for alias, path, shape in layer_table(model, input_shape):
+        table.add_row(alias, path, " x ".join(map(str, shape)))
+    out.print(table)
+    return 0

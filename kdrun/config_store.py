@@ -1,0 +1,28 @@
+"""Fill Hydra's `teacher` and `student` config groups from the model registry (no YAML per model)."""
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+
+from kdrun.models import MODELS, model_options
+
+
+def teacher_node(name: str) -> dict:
+    return {
+        "name": name, **model_options(name),
+        "checkpoint": None,        # a trained teacher to use instead of the cache
+        "epochs": "${epochs}",     # teacher training epochs (fewer: a deliberately poor teacher)
+        "lr": "${optim.lr}",
+        "seed": 0,                 # one teacher serves every student seed
+        "snapshot_epoch": None,
+    }
+
+
+def student_node(name: str) -> dict:
+    return {"name": name, **model_options(name)}
+
+
+def register_model_groups() -> None:
+    store = ConfigStore.instance()
+    for name in MODELS.names():
+        store.store(group="teacher", name=name, node=teacher_node(name))
+        store.store(group="student", name=name, node=student_node(name))

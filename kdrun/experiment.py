@@ -1,0 +1,149 @@
+"""One experiment in two phases. `prepare` checks everything (values, data files, models, teacher checkpoint,
+layer pairings) and writes nothing; only then does `execute` create the run directory, resolve or train the
+teacher and train the student."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kdrun.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from kdrun.data import ImageData, load_dataset, make_loaders
+from kdrun.methods import METHODS, Method
+from kdrun.models import create_model
+from kdrun.progress import RunProgress, print_summary
+from kdrun.results import METRICS_FILE, RESULT_FILE, write_metrics, write_result
+from kdrun.teachers import model_options_of, resolve_teacher
+from kdrun.train import TrainSettings, fit
+from kdrun.validate import check_config, resolve_device
+
+
+@dataclass
+class Plan:
+    cfg: DictConfig
+    data: ImageData
+    method: Method
+    settings: TrainSettings
+
+
+def prepare(cfg: DictConfig) -> Plan:
+    """Everything that can refuse the run, before anything is written."""
+    method_cls = METHODS.get(cfg.method.name)
+    check_config(cfg, method_cls.needs_teacher)
+    device = resolve_device(cfg.device, cfg.precision)
+    data = load_dataset(cfg.dataset)
+    teacher = None
+    if method_cls.needs_teacher:
+        teacher = create_model(cfg.teacher.name, data.num_classes, data.in_channels, **model_options_of(cfg.teacher))
+        if cfg.teacher.checkpoint:
+            path = Path(cfg.teacher.checkpoint).expanduser()
+            load_weights(teacher, load_checkpoint(path, "teacher.checkpoint"), "teacher.checkpoint", path)
+        teacher.to(device)
+    torch.manual_seed(cfg.seed)
+    student = create_model(cfg.student.name, data.num_classes, data.in_channels, **model_options_of(cfg.student))
+    method = method_cls(cfg.method, student.to(device), teacher, data.num_classes).to(device)
+    method.prepare(data.image_shape)
+    return Plan(cfg, data, method, TrainSettings(device, cfg.precision))
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Identity of a run's configuration (where its outputs go does not count)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("results_dir", None)
+    container.pop("run_dir", None)
+    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def default_run_dir(cfg: DictConfig) -> Path:
+    models = cfg.student.name if cfg.method.name == "ce" else f"{cfg.teacher.name}-{cfg.student.name}"
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    base = Path(cfg.results_dir) / "runs" / f"{stamp}_{cfg.method.name}_{models}_{cfg.dataset.name}_s{cfg.seed}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}_{n}")
+    return run_dir
+
+
+def base_record(cfg: DictConfig, run_dir: Path, device: str) -> dict:
+    uses_teacher = METHODS.get(cfg.method.name).needs_teacher
+    method_keys = {f"method.{k}": v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items()
+                   if k not in ("name", "T", "alpha", "beta")}
+    return {
+        "run_id": run_dir.name, "status": "running", "error": None,
+        "method": cfg.method.name, "teacher": cfg.teacher.name if uses_teacher else None,
+        "student": cfg.student.name, "dataset": cfg.dataset.name, "seed": cfg.seed,
+        "T": cfg.method.get("T"), "alpha": cfg.method.get("alpha"), "beta": cfg.method.get("beta"),
+        **method_keys,
+        "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.optim.lr, "precision": cfg.precision,
+        "teacher_epochs": cfg.teacher.epochs if uses_teacher else None,
+        "teacher_acc": None, "teacher_source": None, "teacher_sha256": None,
+        "best_acc": None, "best_epoch": None, "last_acc": None, "wall_s": None, "device": device,
+        "config_hash": config_hash(cfg), "run_dir": str(run_dir),
+    }
+
+
+def execute(plan: Plan, run_dir: Path) -> dict:
+    """Train (teacher if needed, then student), writing config, metrics, result and checkpoint to `run_dir`."""
+    cfg, data, method, settings = plan.cfg, plan.data, plan.method, plan.settings
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    record = base_record(cfg, run_dir, str(settings.device))
+    write_result(run_dir / RESULT_FILE, record)
+    try:
+        if method.teacher is not None:
+            teacher = resolve_teacher(cfg, method.teacher, data, settings)
+            record.update(teacher_acc=teacher.accuracy, teacher_source=teacher.source, teacher_sha256=teacher.sha256)
+            write_result(run_dir / RESULT_FILE, record)
+        train_loader, test_loader = make_loaders(data, cfg.batch_size, settings.device, cfg.seed, cfg.eval_batch_size)
+        rows: list[dict] = []
+
+        def on_epoch(row: dict, state: dict) -> None:
+            rows.append(row)
+            write_metrics(run_dir / METRICS_FILE, rows)
+            save_checkpoint(run_dir / "checkpoint.pt", {
+                "model": method.student.state_dict(),
+                "method": {k: v for k, v in state.pop("method").items() if not k.startswith("student.")},
+                **state, "rng": {"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state()},
+            })
+
+        label = f"{cfg.method.name} {cfg.student.name}"
+        with RunProgress(label) as progress:
+            fit(method, train_loader, test_loader, method.stages(cfg.epochs), cfg.optim, cfg.sched, cfg.optim.lr,
+                settings, progress, on_epoch)
+        record.update(summarise(rows, method))
+        record["status"] = "completed"
+    except BaseException as exc:
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        record["wall_s"] = time.perf_counter() - started
+        write_result(run_dir / RESULT_FILE, record)
+    return record
+
+
+def summarise(rows: list[dict], method: Method) -> dict:
+    """Best and last accuracy of the final stage (preliminary stages do not count)."""
+    final = [r for r in rows if r["stage"] == rows[-1]["stage"]]
+    best = max(final, key=lambda r: r["test_acc"])
+    summary = {"best_acc": best["test_acc"], "best_epoch": best["epoch"], "last_acc": final[-1]["test_acc"]}
+    peers = [k for k in final[-1] if k.startswith("test_acc_")]
+    if peers:
+        summary["peer_acc"] = {k.removeprefix("test_acc_"): final[-1][k] for k in peers}
+    return summary
+
+
+def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
+    """Prepare (may refuse), then execute in `run_dir` (default: a new directory under results/runs)."""
+    plan = prepare(cfg)
+    target = Path(run_dir) if run_dir else (Path(cfg.run_dir) if cfg.get("run_dir") else default_run_dir(cfg))
+    record = execute(plan, target)
+    print_summary(record)
+    return record

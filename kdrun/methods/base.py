@@ -1,0 +1,161 @@
+"""The method contract every distillation method follows.
+
+A method is an `nn.Module` that owns the student (and any peers) plus its learnable adapters, so one
+optimizer and one checkpoint cover all of them; the teacher is held outside the module tree, so it is
+never trained nor saved with the student. One training step is `method(images, labels, index)`, which
+returns named, UNWEIGHTED loss terms; the runner weights them with `method.weights()`, logs each as its
+own column and stops when one is not finite.
+
+Any method combines with Hinton KD: the base class adds the `ce` term (weight `1 - alpha`, or
+`ce_weight`) and the `kd` term (weight `alpha`, temperature `T`) around the method's own terms
+(weight `beta` each unless the method says otherwise).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdrun.features import FeatureTap, feature_shapes
+
+
+@dataclass
+class Stage:
+    """A phase of training with its own optimizer and schedule (e.g. a hint stage before the main one)."""
+
+    name: str
+    epochs: int
+
+
+@dataclass
+class Forward:
+    """What one step's forward passes produced, handed to `Method.method_terms`."""
+
+    s_logits: torch.Tensor
+    t_logits: torch.Tensor | None
+    s_feats: dict[str, torch.Tensor]
+    t_feats: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    index: torch.Tensor
+
+
+@dataclass
+class StepOutput:
+    terms: dict[str, torch.Tensor]
+    logits: torch.Tensor  # the trained model's logits, for training accuracy
+    extra: dict = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class: teacher -> student distillation with optional feature taps and adapters."""
+
+    needs_teacher: ClassVar[bool] = True
+    term_names: ClassVar[tuple[str, ...]] = ()  # the method's own terms, weighted by `beta`
+
+    def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None, num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.student = student
+        self._teacher = (teacher,)  # a tuple hides it from nn.Module: no gradients, not in state_dict
+        self.num_classes = num_classes
+        self.T = float(cfg.get("T", 4.0))
+        self.alpha = float(cfg.get("alpha", 0.0)) if teacher is not None else 0.0
+        self.epoch = 0
+        self.stage = "main"
+        self._student_tap: FeatureTap | None = None
+        self._teacher_tap: FeatureTap | None = None
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher[0]
+
+    # ----- what a subclass may override -------------------------------------------------------------
+    def student_layers(self) -> list[str]:
+        """Feature names (aliases, module paths) the method needs from the student."""
+        return []
+
+    def teacher_layers(self) -> list[str]:
+        return []
+
+    def build(self, s_shapes: dict[str, torch.Size], t_shapes: dict[str, torch.Size]) -> None:
+        """Create adapters sized from the recorded feature shapes; raise ConfigError if pairs cannot match."""
+
+    def method_terms(self, fw: Forward) -> dict[str, torch.Tensor]:
+        """The method's own loss terms (unweighted)."""
+        return {}
+
+    def weights(self) -> dict[str, float]:
+        ce_weight = self.cfg.get("ce_weight")
+        weights = {"ce": 1.0 - self.alpha if ce_weight is None else float(ce_weight), "kd": self.alpha}
+        beta = float(self.cfg.get("beta", 1.0))
+        weights.update({name: beta for name in self.term_names})
+        return weights
+
+    def stages(self, epochs: int) -> list[Stage]:
+        return [Stage("main", epochs)]
+
+    def begin_stage(self, stage: Stage) -> None:
+        self.stage = stage.name
+
+    def trainable_parameters(self, stage: Stage) -> Iterator[nn.Parameter]:
+        return self.parameters()
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        """Models evaluated after each epoch; the first is the run's reported model."""
+        return {"student": self.student}
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    # ----- the machinery ------------------------------------------------------------------------------
+    def prepare(self, input_shape: Sequence[int]) -> None:
+        """Validate feature names with one dummy forward, build adapters, then install the taps."""
+        s_layers, t_layers = self.student_layers(), self.teacher_layers()
+        s_shapes = feature_shapes(self.student, s_layers, input_shape)
+        t_shapes = feature_shapes(self.teacher, t_layers, input_shape) if t_layers else {}
+        self.build(s_shapes, t_shapes)
+        self._student_tap = FeatureTap(self.student, s_layers)
+        if self.teacher is not None:
+            self._teacher_tap = FeatureTap(self.teacher, t_layers)
+            self.teacher.eval()
+            self.teacher.requires_grad_(False)
+
+    def uses_teacher_outputs(self) -> bool:
+        return self.teacher is not None and (self.weights().get("kd", 0.0) > 0 or bool(self.teacher_layers()))
+
+    def run_teacher(self, images: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Teacher forward in eval mode under inference_mode; outputs are cloned into normal tensors so the
+        student's loss may save them for backward."""
+        if not self.uses_teacher_outputs():
+            return None, {}
+        with torch.inference_mode():
+            logits, feats = self._teacher_tap(images)
+        return logits.clone(), {k: v.clone() for k, v in feats.items()}
+
+    def response_terms(self, fw: Forward) -> dict[str, torch.Tensor]:
+        from kdrun.methods.kd import kd_loss  # kd.py subclasses this module, so import on use
+
+        weights = self.weights()
+        terms = {}
+        if weights.get("ce", 0.0) != 0.0:
+            terms["ce"] = F.cross_entropy(fw.s_logits, fw.labels)
+        if weights.get("kd", 0.0) != 0.0:
+            terms["kd"] = kd_loss(fw.s_logits, fw.t_logits, self.T)
+        return terms
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
+        t_logits, t_feats = self.run_teacher(images)
+        s_logits, s_feats = self._student_tap(images)
+        fw = Forward(s_logits, t_logits, s_feats, t_feats, labels, index)
+        terms = self.response_terms(fw)
+        terms.update(self.method_terms(fw))
+        return StepOutput(terms, s_logits)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher stays in eval mode whatever the runner does
+        return self

@@ -1,0 +1,73 @@
+"""Live progress (rich bars with loss and accuracy) and the end-of-run summary table.
+
+On a terminal: one bar per stage that advances every step and shows the last epoch's figures.
+Elsewhere (logs, CI, sweeps): one plain line per epoch, so logs stay readable.
+"""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+class RunProgress:
+    def __init__(self, label: str, live: bool | None = None):
+        self.label = label
+        self.live = console.is_terminal if live is None else live
+        self._progress: Progress | None = None
+        self._task = None
+        self._stage = ""
+        self._epochs = 0
+
+    def __enter__(self):
+        if self.live:
+            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
+                                      TimeRemainingColumn(), console=console, transient=False)
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+        return False
+
+    def start_stage(self, stage: str, epochs: int, steps_per_epoch: int) -> None:
+        self._stage, self._epochs = stage, epochs
+        name = self.label if stage == "main" else f"{self.label} [{stage}]"
+        if self._progress is not None:
+            self._task = self._progress.add_task(name, total=epochs * steps_per_epoch, stats="")
+
+    def advance(self) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    def end_epoch(self, row: dict) -> None:
+        stats = (f"epoch {row['epoch']} loss {row['train_loss']:.3f} train {row['train_acc']:.1f}% "
+                 f"test {row['test_acc']:.1f}% {row['images_per_s']:.0f} img/s")
+        if self._progress is not None:
+            self._progress.update(self._task, stats=stats)
+        else:
+            stage = "" if self._stage == "main" else f" [{self._stage}]"
+            console.print(f"{self.label}{stage} {stats}", highlight=False)
+
+
+def print_summary(result: dict) -> None:
+    """The small table at the end of a run: teacher and student with their accuracies."""
+    table = Table(title=f"{result['method']} on {result['dataset']} (seed {result['seed']})")
+    for column in ("role", "model", "accuracy %", "source"):
+        table.add_column(column)
+    if result.get("teacher"):
+        table.add_row("teacher", result["teacher"], _pct(result.get("teacher_acc")), result.get("teacher_source") or "")
+    for name, acc in result.get("peer_acc", {}).items():
+        table.add_row("peer", name, _pct(acc), "")
+    table.add_row("student", result["student"], f"best {_pct(result.get('best_acc'))} / last {_pct(result.get('last_acc'))}",
+                  f"epoch {result.get('best_epoch')}")
+    console.print(table)
+    console.print(f"[dim]{result['status']} in {result['wall_s']:.1f} s; results in {result['run_dir']}[/dim]")
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.2f}"

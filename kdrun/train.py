@@ -1,0 +1,158 @@
+"""The one training loop, shared by teachers, students and peers, and the evaluation after each epoch."""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdrun.methods.base import Method, Stage
+from kdrun.schedule import build_optimizer, build_scheduler
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN or infinite; the message names the term and the step."""
+
+
+@dataclass
+class TrainSettings:
+    device: torch.device
+    precision: str = "fp32"
+    check_every: int = 25  # steps between finiteness checks: checking every step would sync the GPU each step
+
+
+def autocast(settings: TrainSettings):
+    dtype = AUTOCAST_DTYPES.get(settings.precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(settings.device.type, dtype=dtype)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, settings: TrainSettings) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy (%) over the loader."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=settings.device)
+    correct = torch.zeros((), device=settings.device, dtype=torch.long)
+    for images, labels, _ in loader:
+        with autocast(settings):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+    model.train(was_training)
+    n = loader.num_samples
+    return loss_sum.item() / n, 100.0 * correct.item() / n
+
+
+class FiniteGuard:
+    """Collects each step's loss terms on the device and checks them every few steps."""
+
+    def __init__(self, names: list[str], check_every: int, stage: str, epoch: int, first_step: int):
+        self.names, self.check_every = names, check_every
+        self.stage, self.epoch, self.first_step = stage, epoch, first_step
+        self.pending: list[torch.Tensor] = []
+        self.checked = 0
+
+    def add(self, values: torch.Tensor) -> None:
+        self.pending.append(values.detach())
+        if len(self.pending) >= self.check_every:
+            self.check()
+
+    def check(self) -> None:
+        if not self.pending:
+            return
+        block = torch.stack(self.pending)
+        bad = ~torch.isfinite(block)
+        if bad.any():
+            row, col = (int(i) for i in bad.nonzero()[0])
+            step = self.first_step + self.checked + row
+            raise NonFiniteLoss(f"loss term '{self.names[col]}' is {block[row, col].item()} at step {step} "
+                                f"(stage {self.stage}, epoch {self.epoch}); lower the lr or the term's weight, "
+                                "or use precision=fp32")
+        self.checked += len(self.pending)
+        self.pending = []
+
+
+def train_epoch(method: Method, loader, optimizer, scheduler, settings: TrainSettings, scaler,
+                epoch: int, first_step: int, on_step: Callable[[], None] | None = None) -> dict:
+    """One pass over the loader; returns the epoch's mean loss terms, total loss and accuracy."""
+    weights = {k: w for k, w in method.weights().items()}
+    method.train()
+    names: list[str] | None = None
+    guard = None
+    term_sums = total_sum = correct = None
+    seen = 0
+    for images, labels, index in loader:
+        with autocast(settings):
+            out = method(images, labels, index)
+        if names is None:
+            names = list(out.terms)
+            guard = FiniteGuard(names, settings.check_every, method.stage, epoch, first_step)
+            term_sums = torch.zeros(len(names), device=settings.device)
+            total_sum = torch.zeros((), device=settings.device)
+            correct = torch.zeros((), device=settings.device, dtype=torch.long)
+        values = torch.stack([out.terms[n].float() for n in names])
+        total = sum(weights.get(n, 1.0) * out.terms[n] for n in names)
+        guard.add(values)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        batch = labels.shape[0]
+        term_sums += values.detach() * batch
+        total_sum += total.detach().float() * batch
+        correct += (out.logits.argmax(1) == labels).sum()
+        seen += batch
+        if on_step:
+            on_step()
+    guard.check()
+    stats = {f"loss_{n}": v / seen for n, v in zip(names, term_sums.tolist())}
+    stats["train_loss"] = total_sum.item() / seen
+    stats["train_acc"] = 100.0 * correct.item() / seen
+    stats["steps"] = guard.checked
+    return stats
+
+
+def fit(method: Method, train_loader, test_loader, stages: list[Stage], optim_cfg, sched_cfg, lr: float,
+        settings: TrainSettings, progress, on_epoch: Callable[[dict, dict], None] | None = None) -> list[dict]:
+    """Train through every stage; after each epoch evaluate every model the method reports and call
+    `on_epoch(row, state)` with the metrics row and the state to checkpoint. Returns all rows."""
+    rows: list[dict] = []
+    epoch = step = 0
+    scaler = torch.amp.GradScaler(settings.device.type, enabled=settings.precision == "fp16")
+    for stage in stages:
+        method.begin_stage(stage)
+        optimizer = build_optimizer(method.trainable_parameters(stage), optim_cfg, lr)
+        scheduler = build_scheduler(optimizer, sched_cfg, stage.epochs, len(train_loader))
+        progress.start_stage(stage.name, stage.epochs, len(train_loader))
+        for _ in range(stage.epochs):
+            epoch += 1
+            method.begin_epoch(epoch)
+            lr_now = optimizer.param_groups[0]["lr"]
+            started = time.perf_counter()
+            stats = train_epoch(method, train_loader, optimizer, scheduler, settings, scaler, epoch, step,
+                                progress.advance)
+            train_seconds = time.perf_counter() - started
+            step += stats.pop("steps")
+            row = {"stage": stage.name, "epoch": epoch, "lr": lr_now, **stats}
+            evals = {name: evaluate(model, test_loader, settings) for name, model in method.eval_models().items()}
+            first = next(iter(evals))
+            row["test_loss"], row["test_acc"] = evals[first]
+            if len(evals) > 1:
+                row.update({f"test_acc_{name}": acc for name, (_, acc) in evals.items()})
+            row["epoch_s"] = time.perf_counter() - started
+            row["images_per_s"] = train_loader.num_samples / train_seconds
+            rows.append(row)
+            progress.end_epoch(row)
+            if on_epoch:
+                on_epoch(row, {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "epoch": epoch, "stage": stage.name})
+    return rows
