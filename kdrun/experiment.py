@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdrun.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from kdrun.data import ImageData, load_dataset, make_loaders
@@ -35,6 +35,8 @@ class Plan:
 def prepare(cfg: DictConfig) -> Plan:
     """Everything that can refuse the run, before anything is written."""
     method_cls = METHODS.get(cfg.method.name)
+    with open_dict(cfg):
+        method_cls.configure(cfg)
     check_config(cfg, method_cls.needs_teacher)
     device = resolve_device(cfg.device, cfg.precision)
     data = load_dataset(cfg.dataset)
@@ -103,6 +105,8 @@ def execute(plan: Plan, run_dir: Path) -> dict:
             record.update(teacher_acc=teacher.accuracy, teacher_source=teacher.source, teacher_sha256=teacher.sha256)
             write_result(run_dir / RESULT_FILE, record)
         train_loader, test_loader = make_loaders(data, cfg.batch_size, settings.device, cfg.seed, cfg.eval_batch_size)
+        rng_source = train_loader.generator  # the wrapped loader may not expose it
+        train_loader = method.wrap_train_loader(train_loader)
         rows: list[dict] = []
 
         def on_epoch(row: dict, state: dict) -> None:
@@ -111,7 +115,7 @@ def execute(plan: Plan, run_dir: Path) -> dict:
             save_checkpoint(run_dir / "checkpoint.pt", {
                 "model": method.student.state_dict(),
                 "method": {k: v for k, v in state.pop("method").items() if not k.startswith("student.")},
-                **state, "rng": {"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state()},
+                **state, "rng": {"torch": torch.get_rng_state(), "loader": rng_source.get_state()},
             })
 
         label = f"{cfg.method.name} {cfg.student.name}"
@@ -135,8 +139,9 @@ def summarise(rows: list[dict], method: Method) -> dict:
     best = max(final, key=lambda r: r["test_acc"])
     summary = {"best_acc": best["test_acc"], "best_epoch": best["epoch"], "last_acc": final[-1]["test_acc"]}
     peers = [k for k in final[-1] if k.startswith("test_acc_")]
-    if peers:
+    if peers:  # several models trained together: each one's last accuracy, and the best of them
         summary["peer_acc"] = {k.removeprefix("test_acc_"): final[-1][k] for k in peers}
+        summary["best_peer"] = max(summary["peer_acc"], key=summary["peer_acc"].get)
     return summary
 
 

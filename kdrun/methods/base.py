@@ -65,6 +65,7 @@ class Method(nn.Module):
         self.alpha = float(cfg.get("alpha", 0.0)) if teacher is not None else 0.0
         self.epoch = 0
         self.stage = "main"
+        self.input_shape: tuple[int, ...] = ()  # (C, H, W), known from `prepare` on
         self._student_tap: FeatureTap | None = None
         self._teacher_tap: FeatureTap | None = None
 
@@ -73,6 +74,14 @@ class Method(nn.Module):
         return self._teacher[0]
 
     # ----- what a subclass may override -------------------------------------------------------------
+    @classmethod
+    def configure(cls, cfg) -> None:
+        """Adjust the composed run config before anything is built (e.g. choose the teacher's model)."""
+
+    def wrap_train_loader(self, loader):
+        """Return the training loader to use (e.g. one yielding class-paired batches); sees the whole dataset."""
+        return loader
+
     def student_layers(self) -> list[str]:
         """Feature names (aliases, module paths) the method needs from the student."""
         return []
@@ -113,6 +122,7 @@ class Method(nn.Module):
     # ----- the machinery ------------------------------------------------------------------------------
     def prepare(self, input_shape: Sequence[int]) -> None:
         """Validate feature names with one dummy forward, build adapters, then install the taps."""
+        self.input_shape = tuple(input_shape)
         s_layers, t_layers = self.student_layers(), self.teacher_layers()
         s_shapes = feature_shapes(self.student, s_layers, input_shape)
         t_shapes = feature_shapes(self.teacher, t_layers, input_shape) if t_layers else {}

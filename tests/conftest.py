@@ -1,0 +1,44 @@
+"""Shared fixtures: quiet single-threaded torch, and the kdrun CLI run in-process on a temporary results dir."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two-core machines: intra-op threads of several processes spin against each other, so tests use one.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Small and fast: enough to exercise every code path of a run through the CLI.
+FAST = ["epochs=1", "teacher.epochs=1", "batch_size=128"]
+
+
+def run_cli(*args: str) -> int:
+    """Run `kdrun ARGS...` in this process; returns the exit code."""
+    from kdrun.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
+
+
+def results_under(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(root).rglob("result.json")) if "teachers" not in p.parts]
+
+
+@pytest.fixture
+def kdrun(tmp_path):
+    """`kdrun(*overrides, fast=True)` -> (exit code, [result records]) with results under tmp_path."""
+
+    def call(*overrides: str, fast: bool = True):
+        args = [*(FAST if fast else []), f"results_dir={tmp_path}", *overrides]
+        code = run_cli(*args)
+        return code, results_under(tmp_path)
+
+    call.root = tmp_path
+    return call
