@@ -36,9 +36,23 @@ def kdrun(tmp_path):
     """`kdrun(*overrides, fast=True)` -> (exit code, [result records]) with results under tmp_path."""
 
     def call(*overrides: str, fast: bool = True):
-        args = [*(FAST if fast else []), f"results_dir={tmp_path}", *overrides]
+        flags = [o for o in overrides if o.startswith("-")]  # Hydra wants flags before overrides
+        settings = [o for o in overrides if not o.startswith("-")]
+        args = [*flags, *(FAST if fast else []), f"results_dir={tmp_path}", *settings]
         code = run_cli(*args)
         return code, results_under(tmp_path)
 
     call.root = tmp_path
     return call
+
+
+def compose_config(*overrides: str):
+    """The composed run config, as `kdrun` would build it (no Hydra run, nothing written)."""
+    from hydra import compose, initialize_config_dir
+
+    from kdrun.config_store import register_model_groups
+    from kdrun.paths import conf_dir
+
+    register_model_groups()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))

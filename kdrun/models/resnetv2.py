@@ -93,8 +93,8 @@ def _register(depth: int, block: type[BasicBlock] | type[Bottleneck], blocks: tu
         return ResNetV2(block, blocks, num_classes, in_channels)
 
     kind = "bottleneck" if block is Bottleneck else "basic"
-    factory.__doc__ = (f"ResNet-{depth} (ImageNet depth, {kind} blocks, 64-512 channels) adapted to 32x32: 3x3 stem, "
-                       "no max-pool; not a 6n+2 CIFAR ResNet (RepDistiller's resnetv2)")
+    factory.__doc__ = (f"ResNet-{depth}, ImageNet depth and {kind} blocks (64-512 channels) on 32x32: 3x3 stem, "
+                       "no max-pool; not a 6n+2 CIFAR ResNet")
     register_model(f"resnet{depth}")(factory)
 
 

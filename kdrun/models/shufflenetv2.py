@@ -42,8 +42,8 @@ class SplitUnit(nn.Module):
         super().__init__()
         half = channels // 2
         self.half = half
-        self.branch = nn.Sequential(*conv_bn(half, half, 1), nn.ReLU(inplace=True), *conv_bn(half, half, 3, groups=half),
-                                    *conv_bn(half, half, 1))
+        self.branch = nn.Sequential(*conv_bn(half, half, 1), nn.ReLU(inplace=True),
+                                    *conv_bn(half, half, 3, groups=half), *conv_bn(half, half, 1))
         self.shuffle = ChannelShuffle(2)
         self.act = nn.ReLU()
 
