@@ -1,17 +1,19 @@
 """The Hydra task: one experiment per call (a single run, or one job of a multirun sweep)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from kdrun.errors import ConfigError
-from kdrun.experiment import base_record, run
+from kdrun.experiment import base_record, config_hash, run
 from kdrun.progress import console
-from kdrun.results import RESULT_FILE, write_result
+from kdrun.results import RESULT_FILE, read_result, write_result
 
 
 def experiment_job(cfg: DictConfig) -> None:
@@ -23,22 +25,58 @@ def experiment_job(cfg: DictConfig) -> None:
             console.print(f"[bold red]kdrun: error:[/bold red] {exc}", highlight=False, soft_wrap=True)
             sys.exit(2)
         return
-    # A sweep job: its directory is Hydra's; a failure is recorded there and the sweep goes on.
+    sweep_job(cfg, hydra_cfg)
+
+
+def sweep_job(cfg: DictConfig, hydra_cfg) -> None:
+    """A sweep job: its directory is Hydra's; completed twins are skipped; a failure is recorded, not raised."""
     job_dir = Path(hydra_cfg.runtime.output_dir)
+    num = hydra_cfg.job.num
+    if cfg.get("skip_completed", True):
+        done = find_completed(Path(cfg.results_dir), config_hash(cfg))
+        if done is not None:
+            console.print(f"job {num} skipped: the same configuration completed in {done}", highlight=False)
+            _remove_if_empty(job_dir)
+            return
+    share_machine(cfg, hydra_cfg)
     try:
         run(cfg, job_dir)
     except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the sweep
-        console.print(f"[bold red]job {hydra_cfg.job.num} failed:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]job {num} failed:[/bold red] {exc}", highlight=False, soft_wrap=True)
         result = job_dir / RESULT_FILE
         if not result.exists():  # refused before training: record why
-            record = base_record(cfg, job_dir, str(cfg.device)) if _safe(cfg) else {"run_dir": str(job_dir)}
+            try:
+                record = base_record(cfg, job_dir, str(cfg.device))
+            except Exception:  # noqa: BLE001 - the config itself may be what failed
+                record = {"run_dir": str(job_dir)}
             record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
             write_result(result, record)
 
 
-def _safe(cfg: DictConfig) -> bool:
+def find_completed(results_dir: Path, wanted_hash: str) -> Path | None:
+    """A run directory below results_dir whose result.json completed with this configuration hash."""
+    for path in results_dir.glob("*/**/result.json"):
+        if path.parts[len(results_dir.parts)] == "teachers":
+            continue
+        record = read_result(path)
+        if record and record.get("status") == "completed" and record.get("config_hash") == wanted_hash:
+            return path.parent
+    return None
+
+
+def share_machine(cfg: DictConfig, hydra_cfg) -> None:
+    """Jobs that run side by side (joblib) split the CPU cores, and spread over the GPUs when there are several."""
+    n_jobs = hydra_cfg.launcher.get("n_jobs") if "launcher" in hydra_cfg else None
+    if isinstance(n_jobs, int) and n_jobs != 1:
+        parallel = os.cpu_count() if n_jobs < 0 else n_jobs
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel))
+    if cfg.device == "auto" and torch.cuda.device_count() > 1:
+        with open_dict(cfg):
+            cfg.device = f"cuda:{hydra_cfg.job.num % torch.cuda.device_count()}"
+
+
+def _remove_if_empty(directory: Path) -> None:
     try:
-        base_record(cfg, Path("."), "")
-        return True
-    except Exception:  # noqa: BLE001 - the config itself may be what failed
-        return False
+        directory.rmdir()
+    except OSError:
+        pass

@@ -6,20 +6,23 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
+from kdrun.chain import assistant_names, build_assistants, check_chain, resolve_chain, root_identity
 from kdrun.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from kdrun.data import ImageData, load_dataset, make_loaders
 from kdrun.methods import METHODS, Method
 from kdrun.models import create_model
 from kdrun.progress import RunProgress, print_summary
 from kdrun.results import METRICS_FILE, RESULT_FILE, write_metrics, write_result
-from kdrun.teachers import model_options_of, resolve_teacher
+from kdrun.errors import ConfigError
+from kdrun.teachers import check_snapshot_epoch, model_options_of, resolve_teacher
 from kdrun.train import TrainSettings, fit
 from kdrun.validate import check_config, resolve_device
 
@@ -30,6 +33,8 @@ class Plan:
     data: ImageData
     method: Method
     settings: TrainSettings
+    teacher: nn.Module | None = None           # the root teacher
+    assistants: list[nn.Module] = field(default_factory=list)  # TA chain; the last one teaches the student
 
 
 def prepare(cfg: DictConfig) -> Plan:
@@ -40,30 +45,39 @@ def prepare(cfg: DictConfig) -> Plan:
     check_config(cfg, method_cls.needs_teacher)
     device = resolve_device(cfg.device, cfg.precision)
     data = load_dataset(cfg.dataset)
-    teacher = None
+    teacher, assistants = None, []
     if method_cls.needs_teacher:
+        check_snapshot_epoch(cfg)
         teacher = create_model(cfg.teacher.name, data.num_classes, data.in_channels, **model_options_of(cfg.teacher))
         if cfg.teacher.checkpoint:
             path = Path(cfg.teacher.checkpoint).expanduser()
             load_weights(teacher, load_checkpoint(path, "teacher.checkpoint"), "teacher.checkpoint", path)
         teacher.to(device)
+        assistants = build_assistants(cfg, data, device)
+        check_chain(cfg, method_cls, teacher, assistants, data, device)
+    elif assistant_names(cfg):
+        raise ConfigError(f"assistants={list(cfg.assistants)} is not allowed with method={cfg.method.name}, "
+                          "which uses no teacher")
     torch.manual_seed(cfg.seed)
     student = create_model(cfg.student.name, data.num_classes, data.in_channels, **model_options_of(cfg.student))
-    method = method_cls(cfg.method, student.to(device), teacher, data.num_classes).to(device)
+    direct_teacher = assistants[-1] if assistants else teacher
+    method = method_cls(cfg.method, student.to(device), direct_teacher, data.num_classes).to(device)
     method.prepare(data.image_shape)
-    return Plan(cfg, data, method, TrainSettings(device, cfg.precision))
+    return Plan(cfg, data, method, TrainSettings(device, cfg.precision), teacher, assistants)
 
 
 def config_hash(cfg: DictConfig) -> str:
     """Identity of a run's configuration (where its outputs go does not count)."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("results_dir", None)
-    container.pop("run_dir", None)
+    for key in ("results_dir", "run_dir", "device", "skip_completed"):
+        container.pop(key, None)
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def default_run_dir(cfg: DictConfig) -> Path:
-    models = cfg.student.name if cfg.method.name == "ce" else f"{cfg.teacher.name}-{cfg.student.name}"
+    uses_teacher = METHODS.get(cfg.method.name).needs_teacher
+    chain = [cfg.teacher.name, *(cfg.get("assistants") or [])] if uses_teacher else []
+    models = "-".join([*chain, cfg.student.name])
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     base = Path(cfg.results_dir) / "runs" / f"{stamp}_{cfg.method.name}_{models}_{cfg.dataset.name}_s{cfg.seed}"
     run_dir, n = base, 1
@@ -85,6 +99,8 @@ def base_record(cfg: DictConfig, run_dir: Path, device: str) -> dict:
         **method_keys,
         "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.optim.lr, "precision": cfg.precision,
         "teacher_epochs": cfg.teacher.epochs if uses_teacher else None,
+        "teacher_snapshot_epoch": cfg.teacher.get("snapshot_epoch") if uses_teacher else None,
+        "assistants": list(cfg.get("assistants") or []) if uses_teacher else [],
         "teacher_acc": None, "teacher_source": None, "teacher_sha256": None,
         "best_acc": None, "best_epoch": None, "last_acc": None, "wall_s": None, "device": device,
         "config_hash": config_hash(cfg), "run_dir": str(run_dir),
@@ -100,9 +116,12 @@ def execute(plan: Plan, run_dir: Path) -> dict:
     record = base_record(cfg, run_dir, str(settings.device))
     write_result(run_dir / RESULT_FILE, record)
     try:
-        if method.teacher is not None:
-            teacher = resolve_teacher(cfg, method.teacher, data, settings)
+        if plan.teacher is not None:
+            teacher = resolve_teacher(cfg, plan.teacher, data, settings)
             record.update(teacher_acc=teacher.accuracy, teacher_source=teacher.source, teacher_sha256=teacher.sha256)
+            if plan.assistants:
+                record["chain"] = resolve_chain(cfg, type(method), plan.teacher, root_identity(cfg, teacher.sha256),
+                                                plan.assistants, data, settings)
             write_result(run_dir / RESULT_FILE, record)
         train_loader, test_loader = make_loaders(data, cfg.batch_size, settings.device, cfg.seed, cfg.eval_batch_size)
         rng_source = train_loader.generator  # the wrapped loader may not expose it

@@ -2,7 +2,8 @@
 
 The cache lives in `<results_dir>/teachers/<model>_<dataset>_<hash>/`, keyed by a hash of everything that
 determines the teacher (model and options, dataset, training settings, seed), so sweeps over students
-train each teacher once and `teacher.epochs=1` is a different, deliberately poor, teacher.
+train each teacher once and `teacher.epochs=1` is a different, deliberately poor, teacher. Every epoch's
+weights are kept as a snapshot, so `teacher.snapshot_epoch=k` picks epoch k of the one training run.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from torch import nn
 
 from kdrun.checkpoint import load_checkpoint, load_weights, save_checkpoint, sha256_file
 from kdrun.data import make_loaders
+from kdrun.errors import ConfigError
+from kdrun.methods.base import Method
 from kdrun.methods.ce import CE
 from kdrun.models import create_model
 from kdrun.progress import RunProgress
@@ -44,28 +47,39 @@ def model_options_of(node) -> dict:
     return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in TEACHER_CONTROL_KEYS}
 
 
-def teacher_identity(cfg) -> dict:
-    """Everything that determines a trained teacher; its hash names the cache entry."""
+def training_identity(cfg) -> dict:
+    """The settings shared by everything trained as a teacher (teachers and assistants)."""
     dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
                if k not in DATASET_LOCATION_KEYS}
     return {
-        "format": CACHE_FORMAT, "model": cfg.teacher.name, "options": model_options_of(cfg.teacher),
-        "dataset": dataset, "epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr, "seed": cfg.teacher.seed,
-        "batch_size": cfg.batch_size, "precision": cfg.precision,
+        "format": CACHE_FORMAT, "dataset": dataset, "epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr,
+        "seed": cfg.teacher.seed, "batch_size": cfg.batch_size, "precision": cfg.precision,
         "optim": OmegaConf.to_container(cfg.optim, resolve=True),
         "sched": OmegaConf.to_container(cfg.sched, resolve=True),
     }
 
 
+def teacher_identity(cfg) -> dict:
+    """Everything that determines a trained teacher; its hash names the cache entry."""
+    return {"model": cfg.teacher.name, "options": model_options_of(cfg.teacher), **training_identity(cfg)}
+
+
+def cache_dir(cfg, model_name: str, identity: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cfg.results_dir) / "teachers" / f"{model_name}_{cfg.dataset.name}_{digest}"
+
+
 def teacher_cache_dir(cfg) -> Path:
-    identity = json.dumps(teacher_identity(cfg), sort_keys=True)
-    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
-    return Path(cfg.results_dir) / "teachers" / f"{cfg.teacher.name}_{cfg.dataset.name}_{digest}"
+    return cache_dir(cfg, cfg.teacher.name, teacher_identity(cfg))
+
+
+def snapshot_path(cache: Path, epoch: int) -> Path:
+    return cache / "snapshots" / f"epoch_{epoch:04d}.pt"
 
 
 @contextmanager
 def locked(directory: Path):
-    """Serialise processes that want the same teacher: the second waits, then finds it cached."""
+    """Serialise processes that want the same cache entry: the second waits, then finds it cached."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(directory.parent / f".{directory.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -75,50 +89,78 @@ def locked(directory: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def check_snapshot_epoch(cfg) -> None:
+    epoch = cfg.teacher.get("snapshot_epoch")
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)
+                              or not 1 <= epoch <= cfg.teacher.epochs):
+        raise ConfigError(f"teacher.snapshot_epoch={epoch} is not allowed: must be an epoch of the teacher's "
+                          f"training, 1..{cfg.teacher.epochs} (teacher.epochs)")
+    if epoch is not None and cfg.teacher.checkpoint:
+        raise ConfigError("teacher.snapshot_epoch is not allowed with teacher.checkpoint: snapshots exist only "
+                          "for teachers that kdrun trains")
+
+
 def resolve_teacher(cfg, teacher: nn.Module, data, settings: TrainSettings) -> ResolvedTeacher:
     """Fill `teacher` with its weights and report where they came from and how accurate they are."""
-    _, test_loader = make_loaders(data, cfg.batch_size, settings.device, cfg.teacher.seed, cfg.eval_batch_size)
     if cfg.teacher.checkpoint:
         # The weights were loaded and checked before the run started (experiment.prepare).
         path = Path(cfg.teacher.checkpoint).expanduser()
+        _, test_loader = make_loaders(data, cfg.batch_size, settings.device, cfg.teacher.seed, cfg.eval_batch_size)
         _, accuracy = evaluate(teacher, test_loader, settings)
         return ResolvedTeacher(accuracy, "checkpoint", sha256_file(path), path)
-    cache = teacher_cache_dir(cfg)
+
+    def new_learner() -> Method:
+        torch.manual_seed(cfg.teacher.seed)
+        model = create_model(cfg.teacher.name, data.num_classes, data.in_channels, **model_options_of(cfg.teacher))
+        return CE(OmegaConf.create({}), model.to(settings.device), None, data.num_classes).to(settings.device)
+
+    return resolve_cached(cfg, teacher_cache_dir(cfg), teacher_identity(cfg), f"teacher {cfg.teacher.name}",
+                          new_learner, teacher, data, settings, cfg.teacher.get("snapshot_epoch"))
+
+
+def resolve_cached(cfg, cache: Path, identity: dict, label: str, new_learner, target: nn.Module, data,
+                   settings: TrainSettings, snapshot_epoch: int | None = None) -> ResolvedTeacher:
+    """Load `target` from the cache entry, training it there first (with `new_learner()`) when absent."""
     with locked(cache):
         record = read_result(cache / "result.json")
         source = "cache"
         if not (record and record.get("status") == "completed" and (cache / "checkpoint.pt").is_file()):
-            record = train_teacher(cfg, data, settings, cache)
+            record = train_into_cache(cfg, cache, identity, label, new_learner(), data, settings)
             source = "trained"
-    load_weights(teacher, load_checkpoint(cache / "checkpoint.pt", "teacher cache"), "teacher cache", cache)
-    return ResolvedTeacher(record["test_acc"], source, sha256_file(cache / "checkpoint.pt"), cache / "checkpoint.pt")
+    path = cache / "checkpoint.pt"
+    accuracy = record["test_acc"]
+    if snapshot_epoch is not None:
+        path = snapshot_path(cache, snapshot_epoch)
+        accuracy = record["epoch_acc"][snapshot_epoch - 1]
+    load_weights(target, load_checkpoint(path, "teacher cache"), "teacher cache", path)
+    return ResolvedTeacher(accuracy, source, sha256_file(path), path)
 
 
-def train_teacher(cfg, data, settings: TrainSettings, cache: Path) -> dict:
-    """Train the teacher with the shared loop (CE alone) and store it in the cache."""
+def train_into_cache(cfg, cache: Path, identity: dict, label: str, learner: Method, data,
+                     settings: TrainSettings) -> dict:
+    """Train `learner.student` with the shared loop and store it, with a snapshot per epoch, in `cache`."""
     started = time.perf_counter()
-    torch.manual_seed(cfg.teacher.seed)
-    model = create_model(cfg.teacher.name, data.num_classes, data.in_channels, **model_options_of(cfg.teacher))
-    model.to(settings.device)
-    learner = CE(OmegaConf.create({}), model, None, data.num_classes).to(settings.device)
     learner.prepare(data.image_shape)
     train_loader, test_loader = make_loaders(data, cfg.batch_size, settings.device, cfg.teacher.seed,
                                              cfg.eval_batch_size)
     cache.mkdir(parents=True, exist_ok=True)
-    (cache / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(teacher_identity(cfg))))
+    (cache / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(identity)))
     rows: list[dict] = []
 
     def on_epoch(row, state):
         rows.append(row)
         write_metrics(cache / "metrics.csv", rows)
+        save_checkpoint(snapshot_path(cache, row["epoch"]), {"model": learner.student.state_dict(),
+                                                             "epoch": row["epoch"]})
 
-    with RunProgress(f"teacher {cfg.teacher.name}") as progress:
+    with RunProgress(label) as progress:
         fit(learner, train_loader, test_loader, learner.stages(cfg.teacher.epochs), cfg.optim, cfg.sched,
             cfg.teacher.lr, settings, progress, on_epoch)
-    save_checkpoint(cache / "checkpoint.pt", {"model": model.state_dict(), "epoch": cfg.teacher.epochs,
-                                              "identity": teacher_identity(cfg)})
-    record = {"model": cfg.teacher.name, "dataset": cfg.dataset.name, "status": "completed",
-              "test_acc": rows[-1]["test_acc"], "best_acc": max(r["test_acc"] for r in rows),
-              "epochs": cfg.teacher.epochs, "wall_s": time.perf_counter() - started}
+    save_checkpoint(cache / "checkpoint.pt", {"model": learner.student.state_dict(), "epoch": rows[-1]["epoch"],
+                                              "identity": identity})
+    record = {"model": getattr(learner.student, "model_name", ""), "dataset": cfg.dataset.name,
+              "status": "completed", "test_acc": rows[-1]["test_acc"], "best_acc": max(r["test_acc"] for r in rows),
+              "epoch_acc": [r["test_acc"] for r in rows], "epochs": rows[-1]["epoch"],
+              "wall_s": time.perf_counter() - started}
     write_result(cache / "result.json", record)
     return record
