@@ -1,0 +1,404 @@
+"""`kdrun compare [DIR ...]`: one row per configuration, seeds aggregated, from every result.json below DIRs.
+
+The pipeline is load records -> select (`--where`) -> group (detected or `--by` keys) and aggregate
+with pandas -> render (rich table, CSV, Markdown, LaTeX) and optionally plot (`kdrun.plots`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import numbers
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from kdrun.errors import ConfigError
+
+RESULT_FILE = "result.json"
+TEACHER_CACHE_DIR = "teachers"
+METRICS = ("best_acc", "last_acc")
+FORMATS = ("table", "csv", "markdown", "latex")
+# What makes a configuration; `method.*` keys are inserted after beta. Seeds are what gets aggregated.
+IDENTITY_KEYS = ("method", "teacher", "student", "dataset", "T", "alpha", "beta", "epochs", "teacher_epochs",
+                 "teacher_snapshot_epoch", "assistants", "lr", "batch_size", "precision")
+# Always shown when they vary, even when another shown key already tells the rows apart.
+CORE_KEYS = ("method", "teacher", "student", "dataset")
+BASELINE_METHOD = "ce"
+# A baseline must have trained the same student the same way, so that the delta measures the teacher alone.
+BASELINE_KEYS = ("student", "dataset", "epochs", "batch_size", "lr", "precision")
+# `--where` clauses on these also narrow the baseline (`--where seed=0` compares seed 0 with seed 0);
+# clauses on method-side keys (method, teacher, T, ...) would exclude the baseline itself.
+SHARED_WITH_BASELINE = (*BASELINE_KEYS, "seed", "device")
+# Outcomes and bookkeeping: nothing to group by.
+OUTCOME_KEYS = ("run_id", "status", "error", "best_acc", "best_epoch", "last_acc", "wall_s", "teacher_acc",
+                "teacher_source", "teacher_sha256", "config_hash", "run_dir", "peer_acc", "best_peer", "device", "chain")
+RUN_DIR = "_dir"  # where the record was found (run_dir in the record may point where the run was made)
+MISSING = "-"
+
+
+class CompareParser(argparse.ArgumentParser):
+    """argparse that reports bad options as one-line ConfigErrors (exit code 2 through the CLI)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"kdrun compare: {message}")
+
+
+def build_parser() -> CompareParser:
+    parser = CompareParser(prog="kdrun compare", description="Aggregate result.json records over seeds.")
+    parser.add_argument("dirs", nargs="*", default=["results"], help="directories to search (default: results)")
+    parser.add_argument("--where", action="append", default=[], metavar="KEY=A[,B]",
+                        help="keep runs whose KEY is one of the values (repeatable; all must hold)")
+    parser.add_argument("--by", metavar="KEY[,KEY]", help="group by exactly these keys (seeds still aggregated)")
+    parser.add_argument("--metric", default="best_acc", choices=METRICS,
+                        help="metric for the delta, --sort and the plots (default: best_acc)")
+    parser.add_argument("--sort", action="store_true", help="sort by the metric, best first (default: by keys)")
+    parser.add_argument("--format", default="table", choices=FORMATS, help="output format (default: table)")
+    parser.add_argument("--out", metavar="FILE", help="write the table to FILE instead of stdout")
+    parser.add_argument("--plot", metavar="FILE.png", help="bar chart of the metric per configuration")
+    parser.add_argument("--curves", metavar="FILE.png", help="test accuracy per epoch, mean over seeds")
+    return parser
+
+
+def compare_command(args: list[str]) -> int:
+    opts = build_parser().parse_args(args)
+    for option in ("plot", "curves"):
+        check_image_path(option, getattr(opts, option))
+    runs = load_runs(opts.dirs)
+    where = parse_where(opts.where, runs)
+    selected = select(runs, where)
+    done = selected[selected["status"] == "completed"]
+    keys = parse_by(opts.by, runs) if opts.by else detect_group_keys(done)
+    baseline_pool = select(runs, [(key, values) for key, values in where if key in SHARED_WITH_BASELINE])
+    summary = aggregate(done, keys, opts.metric, baseline_means(baseline_pool, opts.metric))
+    if summary.empty and (opts.plot or opts.curves):
+        raise ConfigError("nothing to plot: no completed run matches; drop or widen --where")
+    summary = sort_summary(summary, keys, opts.metric, opts.sort)
+    emit(summary, keys, opts)
+    report_left_out(selected[selected["status"] != "completed"], to_stdout=opts.format == "table" and opts.out is None)
+    draw_plots(summary, keys, opts)
+    return 0
+
+
+# ---- load and select ------------------------------------------------------------------------------------
+
+def load_runs(dirs: list[str]) -> pd.DataFrame:
+    """Every run record below `dirs` (teacher caches skipped), identity values made hashable."""
+    records = [record for path in find_result_files(dirs) if (record := read_run_record(path))]
+    if not records:
+        raise ConfigError(f"no run result.json below {', '.join(dirs)}; give directories that hold kdrun results "
+                          f"(default: results)")
+    runs = pd.DataFrame(records)
+    for key in identity_keys(runs.columns):
+        runs[key] = runs[key].map(hashable)
+    for key in (*METRICS, "teacher_acc"):
+        runs[key] = pd.to_numeric(runs[key], errors="coerce") if key in runs else math.nan
+    return runs
+
+
+def find_result_files(dirs: list[str]) -> list[Path]:
+    found: dict[Path, None] = {}
+    for name in dirs:
+        root = Path(name)
+        if not root.is_dir():
+            raise ConfigError(f"results directory {name} does not exist; give directories that hold kdrun results "
+                              f"(default: results)")
+        for path in sorted(root.rglob(RESULT_FILE)):
+            if TEACHER_CACHE_DIR not in path.relative_to(root).parts[:-1]:
+                found[path.resolve()] = None
+    return list(found)
+
+
+def read_run_record(path: Path) -> dict | None:
+    """The record, or None for unreadable files and records that are not student runs (e.g. teacher caches)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or not {"status", "method", "student"} <= record.keys():
+        return None
+    return {**record, RUN_DIR: str(path.parent)}
+
+
+def identity_keys(columns) -> list[str]:
+    method_keys = sorted(c for c in columns if c.startswith("method."))
+    ordered = [*IDENTITY_KEYS[:7], *method_keys, *IDENTITY_KEYS[7:]]
+    return [key for key in ordered if key in columns]
+
+
+def hashable(value):
+    """Lists (assistant chains, layer lists) become `a+b` so that they group and match `--where` values;
+    an empty list (no assistants) is a missing value."""
+    if isinstance(value, (list, tuple)):
+        return "+".join(str(v) for v in value) or None
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def parse_where(items: list[str], runs: pd.DataFrame) -> list[tuple[str, list[str]]]:
+    """`KEY=A,B` clauses as (key, values); every clause must hold, one of its values is enough."""
+    allowed = sorted(c for c in runs.columns if c != RUN_DIR)
+    clauses = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--where {item}: expected KEY=VALUE or KEY=A,B, e.g. --where method=kd")
+        if key not in allowed:
+            raise ConfigError(f"--where {item}: unknown key {key}; allowed: {', '.join(allowed)}")
+        wanted = values.split(",")
+        if not runs[key].map(lambda v: matches_any(v, wanted)).any():
+            present = sorted({format_value(v) for v in runs[key]})
+            raise ConfigError(f"--where {item}: no run has {key} in {values}; values present: {', '.join(present)}")
+        clauses.append((key, wanted))
+    return clauses
+
+
+def matches_any(value, wanted: list[str]) -> bool:
+    return any(matches(value, text) for text in wanted)
+
+
+def matches(value, text: str) -> bool:
+    """`T=4` matches 4.0, `teacher=null` matches runs without a teacher; text is compared case-insensitively."""
+    if is_missing(value):
+        return text.lower() in ("null", "none", MISSING)
+    if str(value).lower() == text.lower():
+        return True
+    try:
+        return float(value) == float(text)
+    except (TypeError, ValueError):
+        return False
+
+
+def select(runs: pd.DataFrame, where: list[tuple[str, list[str]]]) -> pd.DataFrame:
+    keep = pd.Series(True, index=runs.index)
+    for key, wanted in where:
+        keep &= runs[key].map(lambda v: matches_any(v, wanted))
+    return runs[keep]
+
+
+def parse_by(text: str, runs: pd.DataFrame) -> list[str]:
+    allowed = [c for c in runs.columns if c not in OUTCOME_KEYS and c != RUN_DIR]
+    keys = [key for key in text.split(",") if key]
+    unknown = [key for key in keys if key not in allowed]
+    if not keys or unknown:
+        raise ConfigError(f"--by {text}: unknown key {', '.join(unknown) or '(none given)'}; "
+                          f"allowed: {', '.join(allowed)}")
+    return keys
+
+
+# ---- group and aggregate --------------------------------------------------------------------------------
+
+def detect_group_keys(done: pd.DataFrame) -> list[str]:
+    """Identity keys that vary (a missing value counts as a value), less those that only repeat what the
+    other shown keys already say (T and alpha that only tell kd from ce); core keys always stay."""
+    varying = [key for key in identity_keys(done.columns) if done[key].nunique(dropna=False) > 1]
+    keys = list(varying)
+    for key in reversed(varying):
+        rest = [k for k in keys if k != key]
+        if key not in CORE_KEYS and rest and count_groups(done, rest) == count_groups(done, keys):
+            keys = rest
+    return keys or [key for key in CORE_KEYS if key in done.columns and done[key].notna().any()]
+
+
+def count_groups(frame: pd.DataFrame, keys: list[str]) -> int:
+    return frame.groupby(keys, dropna=False).ngroups
+
+
+def baseline_means(runs: pd.DataFrame, metric: str) -> dict[str, float]:
+    """Mean metric of the completed baseline runs in `runs`, by their training recipe."""
+    baseline = runs[(runs["status"] == "completed") & (runs["method"] == BASELINE_METHOD)]
+    return baseline.groupby(recipe_column(baseline))[metric].mean().to_dict() if len(baseline) else {}
+
+
+def recipe_column(runs: pd.DataFrame) -> pd.Series:
+    keys = [key for key in BASELINE_KEYS if key in runs.columns]
+    return runs[keys].apply(lambda row: json.dumps([format_value(v) for v in row]), axis=1)
+
+
+def aggregate(done: pd.DataFrame, keys: list[str], metric: str, baselines: dict[str, float]) -> pd.DataFrame:
+    """One row per configuration: n, mean and sample std (ddof=1) of best and last accuracy, mean teacher
+    accuracy, and the delta of the mean `metric` to the baseline trained with the same recipe."""
+    columns = [*keys, "n", "best_acc_mean", "best_acc_std", "last_acc_mean", "last_acc_std", "teacher_acc_mean",
+               f"delta_{metric}", RUN_DIR]
+    if done.empty:
+        return pd.DataFrame(columns=columns)
+    frame = done.assign(_recipe=recipe_column(done))
+    summary = frame.groupby(keys, dropna=False, sort=False).agg(
+        n=("best_acc", "size"),
+        best_acc_mean=("best_acc", "mean"), best_acc_std=("best_acc", "std"),
+        last_acc_mean=("last_acc", "mean"), last_acc_std=("last_acc", "std"),
+        teacher_acc_mean=("teacher_acc", "mean"),
+        _recipe=("_recipe", lambda s: s.iloc[0] if s.nunique() == 1 else None),
+        **{RUN_DIR: (RUN_DIR, list)},
+    ).reset_index()
+    baseline = summary["_recipe"].map(lambda recipe: baselines.get(recipe, math.nan))
+    summary[f"delta_{metric}"] = summary[f"{metric}_mean"] - baseline.astype(float)
+    return summary[columns]
+
+
+def sort_summary(summary: pd.DataFrame, keys: list[str], metric: str, by_metric: bool) -> pd.DataFrame:
+    if by_metric:
+        return summary.sort_values(f"{metric}_mean", ascending=False, kind="stable").reset_index(drop=True)
+    if summary.empty:
+        return summary
+    return summary.sort_values(keys, key=lambda column: column.map(sort_token), kind="stable").reset_index(drop=True)
+
+
+def sort_token(value) -> tuple:
+    """Numbers before text, missing values last (mixed columns sort without type errors); text in natural
+    order, so that resnet8 comes before resnet14."""
+    if is_missing(value):
+        return (2, ())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return (0, (float(value),))
+    return (1, tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(value))))
+
+
+# ---- render ---------------------------------------------------------------------------------------------
+
+def is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def format_value(value) -> str:
+    if is_missing(value):
+        return MISSING
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
+
+
+def format_mean_std(mean: float, std: float) -> str:
+    if is_missing(mean):
+        return MISSING
+    return f"{mean:.2f}" if is_missing(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def format_number(value: float, signed: bool = False) -> str:
+    return MISSING if is_missing(value) else (f"{value:+.2f}" if signed else f"{value:.2f}")
+
+
+def delta_header(metric: str, delta: str = "Δ") -> str:
+    return f"{delta} {metric.removesuffix('_acc')} vs {BASELINE_METHOD}"
+
+
+def display_frame(summary: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
+    """The summary as text cells, as the table, Markdown and LaTeX show it."""
+    shown = pd.DataFrame({key: summary[key].map(format_value) for key in keys})
+    shown["n"] = summary["n"].astype(int).astype(str)
+    shown["best acc"] = [format_mean_std(m, s) for m, s in zip(summary["best_acc_mean"], summary["best_acc_std"])]
+    shown["last acc"] = [format_mean_std(m, s) for m, s in zip(summary["last_acc_mean"], summary["last_acc_std"])]
+    shown["teacher acc"] = summary["teacher_acc_mean"].map(format_number)
+    shown[delta_header(metric)] = summary[f"delta_{metric}"].map(lambda v: format_number(v, True))
+    return shown
+
+
+def emit(summary: pd.DataFrame, keys: list[str], opts: argparse.Namespace) -> None:
+    if opts.format == "table":
+        text = None
+    elif opts.format == "csv":
+        text = summary.drop(columns=RUN_DIR).to_csv(index=False)
+    elif opts.format == "markdown":
+        text = to_markdown(display_frame(summary, keys, opts.metric), numeric_from=len(keys))
+    else:
+        text = to_latex(display_frame(summary, keys, opts.metric), opts.metric, numeric_from=len(keys))
+    if opts.out:
+        path = Path(opts.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if text is None:
+            with path.open("w") as handle:
+                Console(file=handle, width=200, color_system=None).print(rich_table(summary, keys, opts.metric))
+        else:
+            path.write_text(text)
+        Console(stderr=True).print(f"wrote {path}", highlight=False)
+    elif text is None and summary.empty:
+        Console().print("no completed run matches; failed and unfinished runs are listed below", highlight=False)
+    elif text is None:
+        Console().print(rich_table(summary, keys, opts.metric))
+    else:
+        sys.stdout.write(text)
+
+
+def rich_table(summary: pd.DataFrame, keys: list[str], metric: str) -> Table:
+    shown = display_frame(summary, keys, metric)
+    runs = int(summary["n"].sum())
+    table = Table(title=f"kdrun compare: {plural(len(summary), 'configuration')}, {plural(runs, 'completed run')}",
+                  caption=f"mean ± sample std (ddof=1) over seeds; {delta_header(metric)}: mean {metric} minus "
+                          f"that of {BASELINE_METHOD} with the same {', '.join(BASELINE_KEYS)}")
+    for index, column in enumerate(shown.columns):
+        table.add_column(column, justify="left" if index < len(keys) else "right", overflow="fold")
+    best = summary[f"{metric}_mean"].idxmax() if summary[f"{metric}_mean"].notna().any() else None
+    for index, row in shown.iterrows():
+        table.add_row(*row, style="bold" if index == best else None)
+    return table
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def to_markdown(shown: pd.DataFrame, numeric_from: int) -> str:
+    """GitHub Markdown; numbers right-aligned (pandas' to_markdown would need `tabulate`)."""
+    def line(cells) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+    rule = ["---" if index < numeric_from else "---:" for index in range(len(shown.columns))]
+    return "\n".join([line(shown.columns), line(rule), *(line(row) for row in shown.itertuples(index=False))]) + "\n"
+
+
+def to_latex(shown: pd.DataFrame, metric: str, numeric_from: int) -> str:
+    """A booktabs tabular; Δ is spelled out because pdflatex has no Greek in its default text encoding."""
+    align = "l" * numeric_from + "r" * (len(shown.columns) - numeric_from)
+    spelled = shown.rename(columns={delta_header(metric): delta_header(metric, delta="delta")})
+    return spelled.to_latex(index=False, escape=True, column_format=align)
+
+
+def report_left_out(left_out: pd.DataFrame, to_stdout: bool) -> None:
+    """Failed and unfinished runs are listed apart; they never enter a mean."""
+    if left_out.empty:
+        return
+    counts = ", ".join(f"{n} {status}" for status, n in left_out["status"].value_counts().sort_index().items())
+    table = Table(title=f"left out of the means: {counts}")
+    for column in ("status", "run_id", "method", "student", "seed", "error"):
+        table.add_column(column, overflow="fold")
+    for _, run in left_out.iterrows():
+        table.add_row(*(format_value(run.get(column)) for column in ("status", "run_id", "method", "student", "seed",
+                                                                   "error")))
+    Console(stderr=not to_stdout).print(table)
+
+
+# ---- plots ----------------------------------------------------------------------------------------------
+
+def check_image_path(option: str, path: str | None) -> None:
+    suffix = Path(path).suffix.lower().lstrip(".") if path else "png"
+    if suffix not in ("png", "pdf", "svg"):
+        raise ConfigError(f"--{option} {path}: unknown image type .{suffix}; allowed: .png, .pdf, .svg")
+
+
+def draw_plots(summary: pd.DataFrame, keys: list[str], opts: argparse.Namespace) -> None:
+    if not (opts.plot or opts.curves):
+        return
+    from kdrun import plots
+
+    labels = [config_label(row, keys) for _, row in summary.iterrows()]
+    if opts.plot:
+        baseline = (summary["method"] == BASELINE_METHOD).tolist() if "method" in keys else [False] * len(labels)
+        plots.bar_chart(Path(opts.plot), labels, summary[f"{opts.metric}_mean"].tolist(),
+                        summary[f"{opts.metric}_std"].tolist(), opts.metric, baseline)
+    if opts.curves:
+        drawn = plots.curves_chart(Path(opts.curves), labels, summary[RUN_DIR].tolist())
+        if drawn < len(labels):
+            Console(stderr=True).print(f"--curves: {len(labels) - drawn} of {len(labels)} configurations have no "
+                                       f"readable metrics.csv", highlight=False)
+
+
+def config_label(row: pd.Series, keys: list[str]) -> str:
+    """`kd, resnet26, T=4`: names of models and methods bare, hyperparameters as key=value, missing skipped."""
+    parts = [format_value(row[key]) if key in CORE_KEYS else f"{key}={format_value(row[key])}"
+             for key in keys if not is_missing(row[key])]
+    return ", ".join(parts) or "all runs"
