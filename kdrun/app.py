@@ -12,7 +12,9 @@ from omegaconf import DictConfig, open_dict
 
 from kdrun.errors import ConfigError
 from kdrun.experiment import base_record, config_hash, run
-from kdrun.progress import console
+from rich.markup import escape
+
+from kdrun.progress import console, print_error
 from kdrun.results import RESULT_FILE, read_result, write_result
 
 
@@ -22,7 +24,7 @@ def experiment_job(cfg: DictConfig) -> None:
         try:
             run(cfg)
         except ConfigError as exc:
-            console.print(f"[bold red]kdrun: error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            print_error("kdrun: error:", exc)
             sys.exit(2)
         return
     sweep_job(cfg, hydra_cfg)
@@ -35,14 +37,14 @@ def sweep_job(cfg: DictConfig, hydra_cfg) -> None:
     if cfg.get("skip_completed", True):
         done = find_completed(Path(cfg.results_dir), config_hash(cfg))
         if done is not None:
-            console.print(f"job {num} skipped: the same configuration completed in {done}", highlight=False)
+            console.print(escape(f"job {num} skipped: the same configuration completed in {done}"), highlight=False)
             _remove_if_empty(job_dir)
             return
     share_machine(cfg, hydra_cfg)
     try:
         run(cfg, job_dir)
     except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the sweep
-        console.print(f"[bold red]job {num} failed:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        print_error(f"job {num} failed:", exc)
         result = job_dir / RESULT_FILE
         if not result.exists():  # refused before training: record why
             try:

@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import sys
 
-from rich.console import Console
-
 from kdrun.errors import ConfigError
+from kdrun.progress import print_error
 
-err = Console(stderr=True)
 SUBCOMMANDS = ("ls", "compare")
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]kdrun: error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    print_error("kdrun: error:", message)
     sys.exit(code)
 
 

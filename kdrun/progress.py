@@ -6,10 +6,16 @@ Elsewhere (logs, CI, sweeps): one plain line per epoch, so logs stay readable.
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 console = Console(stderr=True)
+
+
+def print_error(prefix: str, message: object) -> None:
+    """One red-prefixed line on stderr; the message is escaped so `[s1,s1]` is not read as markup."""
+    console.print(f"[bold red]{prefix}[/bold red] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 class RunProgress:
@@ -51,7 +57,7 @@ class RunProgress:
             self._progress.update(self._task, stats=stats)
         else:
             stage = "" if self._stage == "main" else f" [{self._stage}]"
-            console.print(f"{self.label}{stage} {stats}", highlight=False)
+            console.print(escape(f"{self.label}{stage} {stats}"), highlight=False)
 
 
 def print_summary(result: dict) -> None:
@@ -66,7 +72,7 @@ def print_summary(result: dict) -> None:
     table.add_row("student", result["student"], f"best {_pct(result.get('best_acc'))} / last {_pct(result.get('last_acc'))}",
                   f"epoch {result.get('best_epoch')}")
     console.print(table)
-    console.print(f"[dim]{result['status']} in {result['wall_s']:.1f} s; results in {result['run_dir']}[/dim]")
+    console.print(f"[dim]{result['status']} in {result['wall_s']:.1f} s; results in {escape(result['run_dir'])}[/dim]")
 
 
 def _pct(value) -> str:

@@ -127,6 +127,9 @@ class Method(nn.Module):
         s_shapes = feature_shapes(self.student, s_layers, input_shape)
         t_shapes = feature_shapes(self.teacher, t_layers, input_shape) if t_layers else {}
         self.build(s_shapes, t_shapes)
+        student_param = next(self.student.parameters(), None)
+        if student_param is not None:  # adapters made in `build` join the student's device
+            self.to(student_param.device)
         self._student_tap = FeatureTap(self.student, s_layers)
         if self.teacher is not None:
             self._teacher_tap = FeatureTap(self.teacher, t_layers)
