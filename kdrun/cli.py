@@ -1,6 +1,7 @@
 """Entry point: `kdrun ls ...` and `kdrun compare ...` subcommands, otherwise the Hydra app."""
 from __future__ import annotations
 
+import os
 import sys
 
 from kdrun.errors import ConfigError
@@ -15,7 +16,14 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        dispatch(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `kdrun --help | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+
+
+def dispatch(argv: list[str]) -> None:
     try:
         if argv and argv[0] in SUBCOMMANDS:
             from kdrun import commands

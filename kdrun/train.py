@@ -8,11 +8,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from kdrun.methods.base import Method, Stage
 from kdrun.schedule import build_optimizer, build_scheduler
 
+CONSTANT_SCHEDULE = OmegaConf.create({"name": "constant", "warmup_epochs": 0})
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -130,8 +132,9 @@ def fit(method: Method, train_loader, test_loader, stages: list[Stage], optim_cf
     scaler = torch.amp.GradScaler(settings.device.type, enabled=settings.precision == "fp16")
     for stage in stages:
         method.begin_stage(stage)
-        optimizer = build_optimizer(method.trainable_parameters(stage), optim_cfg, lr)
-        scheduler = build_scheduler(optimizer, sched_cfg, stage.epochs, len(train_loader))
+        optimizer = build_optimizer(method.trainable_parameters(stage), optim_cfg, stage.lr or lr)
+        stage_sched = CONSTANT_SCHEDULE if stage.constant_lr else sched_cfg
+        scheduler = build_scheduler(optimizer, stage_sched, stage.epochs, len(train_loader))
         progress.start_stage(stage.name, stage.epochs, len(train_loader))
         for _ in range(stage.epochs):
             epoch += 1

@@ -28,6 +28,8 @@ class Stage:
 
     name: str
     epochs: int
+    lr: float | None = None     # this stage's own learning rate (default: the run's)
+    constant_lr: bool = False   # keep the lr fixed instead of following the run's schedule
 
 
 @dataclass
