@@ -35,11 +35,13 @@ def ls_command(args: list[str]) -> int:
     parser.add_argument("model", nargs="?", help="model name (for `ls layers`)")
     parser.add_argument("--input", default="3x32x32", help="input shape CxHxW for `ls layers` (default 3x32x32)")
     parser.add_argument("--classes", type=int, default=100, help="number of classes for `ls layers` (default 100)")
+    parser.add_argument("--fx", action="store_true",
+                        help="`ls layers` also lists the torch.fx node names (tap them as fx:NODE) with their shapes")
     opts = parser.parse_args(args)
     if opts.what == "layers":
         if not opts.model:
             raise ConfigError("`kdrun ls layers` needs a model name, e.g. kdrun ls layers resnet26")
-        return ls_layers(opts.model, parse_shape(opts.input), opts.classes)
+        return ls_layers(opts.model, parse_shape(opts.input), opts.classes, opts.fx)
     registry = registry_of(opts.what)
     table = Table(title=f"kdrun {opts.what}")
     table.add_column("name", style="bold")
@@ -64,15 +66,23 @@ def registry_of(what: str):
     return DATASETS
 
 
-def ls_layers(name: str, input_shape: tuple[int, ...], classes: int) -> int:
-    from kdrun.features import layer_table
+def ls_layers(name: str, input_shape: tuple[int, ...], classes: int, fx: bool = False) -> int:
+    from kdrun.features import fx_node_table, layer_table
     from kdrun.models import create_model
 
     model = create_model(name, num_classes=classes, in_channels=input_shape[0])
-    table = Table(title=f"{name} layers for input {'x'.join(map(str, input_shape))}")
-    for column in ("alias", "module path", "output shape"):
+    input_text = "x".join(map(str, input_shape))
+    table = Table(title=f"{name} layers for input {input_text}")
+    for column in ("alias", "module path", "shape"):
         table.add_column(column)
     for alias, path, shape in layer_table(model, input_shape):
         table.add_row(alias, path, " x ".join(map(str, shape)))
     out.print(table)
+    if fx:
+        nodes = Table(title=f"{name} torch.fx nodes for input {input_text} (pair them as fx:NODE)")
+        for column in ("fx node", "output shape"):
+            nodes.add_column(column)
+        for node, shape in fx_node_table(model, input_shape):
+            nodes.add_row(node, " x ".join(map(str, shape)))
+        out.print(nodes)
     return 0

@@ -68,6 +68,7 @@ class Method(nn.Module):
         self.epoch = 0
         self.stage = "main"
         self.input_shape: tuple[int, ...] = ()  # (C, H, W), known from `prepare` on
+        self.pairs: list[tuple[str, str]] = []  # [(student layer, teacher layer)] for feature methods
         self._student_tap: FeatureTap | None = None
         self._teacher_tap: FeatureTap | None = None
 
@@ -85,11 +86,12 @@ class Method(nn.Module):
         return loader
 
     def student_layers(self) -> list[str]:
-        """Feature names (aliases, module paths) the method needs from the student."""
-        return []
+        """Feature names (aliases, module paths, fx nodes) the method needs from the student: by default the
+        student side of `self.pairs`, which a feature method sets from `method.pairs`."""
+        return [s for s, _ in self.pairs]
 
     def teacher_layers(self) -> list[str]:
-        return []
+        return [t for _, t in self.pairs]
 
     def build(self, s_shapes: dict[str, torch.Size], t_shapes: dict[str, torch.Size]) -> None:
         """Create adapters sized from the recorded feature shapes; raise ConfigError if pairs cannot match."""
