@@ -1,0 +1,91 @@
+"""Heo et al. 2019, "Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden Neurons"
+(RepDistiller distiller_zoo/AB.py, models/util.py::Connector)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from kdrun.errors import ConfigError
+from kdrun.features import layer_pairs, parameters_feeding
+from kdrun.methods.base import Forward, Method, Stage
+from kdrun.methods.fitnet import make_regressor
+from kdrun.methods.registry import register_method
+
+INIT_STAGE = "init"
+SCALE = 3 / 1000  # RepDistiller's constant factor on the per-sample hinge sum
+
+
+def ab_loss(f_s: torch.Tensor, f_t: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """Alternative-L2 hinge on the activation boundary, summed over elements, divided by N, times 3/1000:
+    where the teacher is off (f_t <= 0) the student is pushed below -margin, where it is on (f_t > 0) above
+    +margin; `f_s` is the student's pre-ReLU feature after the connector."""
+    f_s, f_t = f_s.float(), f_t.float()
+    off = (f_s + margin).pow(2) * ((f_s > -margin) & (f_t <= 0))
+    on = (f_s - margin).pow(2) * ((f_s <= margin) & (f_t > 0))
+    return (off + on).sum() / f_s.shape[0] * SCALE
+
+
+def stage_weights(n: int) -> list[float]:
+    """`2^(i - n + 1)`: the deepest pair weighs 1, each shallower one half the next."""
+    return [2.0 ** (i - n + 1) for i in range(n)]
+
+
+@register_method("ab")
+class AB(Method):
+    """Heo et al. 2019, Activation Boundaries: transfer the teacher's on/off neuron pattern in a first stage.
+
+    As RepDistiller: pre-ReLU features, a conv-BN connector on the student where shapes differ, pair i of n
+    weighted 2^(i-n+1); the init stage (`init_epochs`, the run's lr held constant as RepDistiller's init())
+    trains the student's feature layers and the connectors on the AB loss alone (weight 1), then the main
+    stage trains with the usual CE/KD weights and no AB term."""
+
+    term_names = ("ab",)
+
+    def __init__(self, cfg, student, teacher, num_classes):
+        super().__init__(cfg, student, teacher, num_classes)
+        self.pairs = layer_pairs(cfg.get("pairs"))
+        self.init_epochs = cfg.get("init_epochs", 30)
+        if isinstance(self.init_epochs, bool) or not isinstance(self.init_epochs, int) or self.init_epochs < 1:
+            raise ConfigError(f"method.init_epochs={self.init_epochs} is not allowed: must be an integer >= 1 "
+                              "(AB transfers only in its init stage)")
+        self.margin = cfg.get("margin", 1.0)
+        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or self.margin < 0:
+            raise ConfigError(f"method.margin={self.margin} is not allowed: must be a number >= 0")
+        self.connectors = nn.ModuleList()
+
+    def build(self, s_shapes, t_shapes) -> None:
+        for s, t in self.pairs:
+            s_shape, t_shape = s_shapes[s], t_shapes[t]
+            if len(s_shape) == 3 and tuple(s_shape) == tuple(t_shape):
+                self.connectors.append(nn.Identity())
+            else:
+                self.connectors.append(make_regressor("ab", (s, t), s_shape, t_shape, relu=False))
+
+    def stages(self, epochs: int) -> list[Stage]:
+        return [Stage(INIT_STAGE, self.init_epochs, constant_lr=True), Stage("main", epochs)]
+
+    def weights(self) -> dict[str, float]:
+        if self.stage == INIT_STAGE:
+            return {"ab": 1.0}
+        weights = super().weights()
+        weights.pop("ab")
+        return weights
+
+    def uses_teacher_outputs(self) -> bool:
+        return self.stage == INIT_STAGE or self.weights().get("kd", 0.0) > 0
+
+    def trainable_parameters(self, stage: Stage) -> Iterator[nn.Parameter]:
+        if stage.name != INIT_STAGE:
+            return self.student.parameters()  # the connectors only serve the init stage
+        feeding = parameters_feeding(self._student_tap, self.student_layers(), self.input_shape)
+        return iter([*feeding, *self.connectors.parameters()])
+
+    def method_terms(self, fw: Forward) -> dict[str, torch.Tensor]:
+        if self.stage != INIT_STAGE:
+            return {}
+        weights = stage_weights(len(self.pairs))
+        losses = [w * ab_loss(connector(fw.s_feats[s]), fw.t_feats[t], self.margin)
+                  for w, connector, (s, t) in zip(weights, self.connectors, self.pairs)]
+        return {"ab": sum(losses)}

@@ -1,0 +1,46 @@
+"""Zagoruyko & Komodakis 2017, "Paying More Attention to Attention" (RepDistiller distiller_zoo/AT.py)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdrun.errors import ConfigError
+from kdrun.features import layer_pairs
+from kdrun.methods.base import Forward, Method
+from kdrun.methods.common import require_feature_maps, pool_to_common_size
+from kdrun.methods.registry import register_method
+
+
+def attention_map(f: torch.Tensor, p: float = 2) -> torch.Tensor:
+    """`l2normalize(flatten(mean_c f^p))`: N x HW."""
+    return F.normalize(f.float().pow(p).mean(1).flatten(1), dim=1)
+
+
+def at_loss(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2) -> torch.Tensor:
+    """`mean((a(f_s) - a(f_t))^2)` over batch and positions for one pair, after pooling to the smaller size."""
+    f_s, f_t = pool_to_common_size(f_s, f_t)
+    return (attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean()
+
+
+@register_method("at")
+class AT(Method):
+    """Zagoruyko & Komodakis 2017, Paying More Attention to Attention: match spatial attention maps.
+
+    As RepDistiller: the map is `f^p` averaged over channels (the paper writes |f|^p; equal for the default
+    p 2), the pair losses are summed, and the larger map is average-pooled to the smaller one's size."""
+
+    term_names = ("at",)
+
+    def __init__(self, cfg, student, teacher, num_classes):
+        super().__init__(cfg, student, teacher, num_classes)
+        self.pairs = layer_pairs(cfg.get("pairs"))
+        self.p = cfg.get("p", 2)
+        if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or self.p <= 0:
+            raise ConfigError(f"method.p={self.p} is not allowed: must be a number > 0")
+
+    def build(self, s_shapes, t_shapes) -> None:
+        for s, t in self.pairs:
+            require_feature_maps("at", (s, t), s_shapes[s], t_shapes[t])
+
+    def method_terms(self, fw: Forward) -> dict[str, torch.Tensor]:
+        return {"at": sum(at_loss(fw.s_feats[s], fw.t_feats[t], self.p) for s, t in self.pairs)}
