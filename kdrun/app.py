@@ -11,7 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from kdrun.errors import ConfigError
-from kdrun.experiment import base_record, config_hash, run
+from kdrun.experiment import base_record, config_hash, configure, run
 from rich.markup import escape
 
 from kdrun.progress import console, print_error
@@ -35,6 +35,10 @@ def sweep_job(cfg: DictConfig, hydra_cfg) -> None:
     job_dir = Path(hydra_cfg.runtime.output_dir)
     num = hydra_cfg.job.num
     if cfg.get("skip_completed", True):
+        try:
+            configure(cfg)  # hash the configuration as the run records it
+        except ConfigError:
+            pass  # the run itself will refuse it and record why
         done = find_completed(Path(cfg.results_dir), config_hash(cfg))
         if done is not None:
             console.print(escape(f"job {num} skipped: the same configuration completed in {done}"), highlight=False)

@@ -33,15 +33,24 @@ class Plan:
     data: ImageData
     method: Method
     settings: TrainSettings
+    train_loader: object = None                # as the method wants it (wrap_train_loader applied)
+    test_loader: object = None
+    loader_rng: torch.Generator | None = None  # the training loader's generator, saved in checkpoints
     teacher: nn.Module | None = None           # the root teacher
     assistants: list[nn.Module] = field(default_factory=list)  # TA chain; the last one teaches the student
 
 
-def prepare(cfg: DictConfig) -> Plan:
-    """Everything that can refuse the run, before anything is written."""
+def configure(cfg: DictConfig):
+    """Let the method adjust the composed config (idempotent); returns the method class."""
     method_cls = METHODS.get(cfg.method.name)
     with open_dict(cfg):
         method_cls.configure(cfg)
+    return method_cls
+
+
+def prepare(cfg: DictConfig) -> Plan:
+    """Everything that can refuse the run, before anything is written."""
+    method_cls = configure(cfg)
     check_config(cfg, method_cls.needs_teacher)
     device = resolve_device(cfg.device, cfg.precision)
     data = load_dataset(cfg.dataset)
@@ -63,7 +72,11 @@ def prepare(cfg: DictConfig) -> Plan:
     direct_teacher = assistants[-1] if assistants else teacher
     method = method_cls(cfg.method, student.to(device), direct_teacher, data.num_classes).to(device)
     method.prepare(data.image_shape)
-    return Plan(cfg, data, method, TrainSettings(device, cfg.precision), teacher, assistants)
+    train_loader, test_loader = make_loaders(data, cfg.batch_size, device, cfg.seed, cfg.eval_batch_size)
+    loader_rng = train_loader.generator
+    train_loader = method.wrap_train_loader(train_loader)  # may refuse (e.g. a loader it cannot pair)
+    return Plan(cfg, data, method, TrainSettings(device, cfg.precision), train_loader, test_loader, loader_rng,
+                teacher, assistants)
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -123,9 +136,7 @@ def execute(plan: Plan, run_dir: Path) -> dict:
                 record["chain"] = resolve_chain(cfg, type(method), plan.teacher, root_identity(cfg, teacher.sha256),
                                                 plan.assistants, data, settings)
             write_result(run_dir / RESULT_FILE, record)
-        train_loader, test_loader = make_loaders(data, cfg.batch_size, settings.device, cfg.seed, cfg.eval_batch_size)
-        rng_source = train_loader.generator  # the wrapped loader may not expose it
-        train_loader = method.wrap_train_loader(train_loader)
+        train_loader, test_loader = plan.train_loader, plan.test_loader
         rows: list[dict] = []
 
         def on_epoch(row: dict, state: dict) -> None:
@@ -134,7 +145,7 @@ def execute(plan: Plan, run_dir: Path) -> dict:
             save_checkpoint(run_dir / "checkpoint.pt", {
                 "model": method.student.state_dict(),
                 "method": {k: v for k, v in state.pop("method").items() if not k.startswith("student.")},
-                **state, "rng": {"torch": torch.get_rng_state(), "loader": rng_source.get_state()},
+                **state, "rng": {"torch": torch.get_rng_state(), "loader": plan.loader_rng.get_state()},
             })
 
         label = f"{cfg.method.name} {cfg.student.name}"

@@ -44,7 +44,7 @@ class RunProgress:
         self._stage, self._epochs = stage, epochs
         name = self.label if stage == "main" else f"{self.label} [{stage}]"
         if self._progress is not None:
-            self._task = self._progress.add_task(name, total=epochs * steps_per_epoch, stats="")
+            self._task = self._progress.add_task(escape(name), total=epochs * steps_per_epoch, stats="")
 
     def advance(self) -> None:
         if self._progress is not None:

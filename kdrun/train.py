@@ -96,12 +96,16 @@ def train_epoch(method: Method, loader, optimizer, scheduler, settings: TrainSet
             out = method(images, labels, index)
         if names is None:
             names = list(out.terms)
+            unweighted = [n for n in names if n not in weights]
+            if unweighted:
+                raise RuntimeError(f"method {type(method).__name__} returned loss term '{unweighted[0]}' "
+                                   f"without a weight (weights: {', '.join(weights)})")
             guard = FiniteGuard(names, settings.check_every, method.stage, epoch, first_step)
             term_sums = torch.zeros(len(names), device=settings.device)
             total_sum = torch.zeros((), device=settings.device)
             correct = torch.zeros((), device=settings.device, dtype=torch.long)
         values = torch.stack([out.terms[n].float() for n in names])
-        total = sum(weights.get(n, 1.0) * out.terms[n] for n in names)
+        total = sum(weights[n] * out.terms[n] for n in names)
         guard.add(values)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()

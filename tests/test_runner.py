@@ -1,6 +1,5 @@
 """End-to-end runs through the CLI: outputs, teacher cache, frozen teacher, refusals, multirun."""
 import csv
-import json
 from pathlib import Path
 
 import pytest
@@ -64,7 +63,7 @@ def test_ce_needs_no_teacher(kdrun):
 
 
 def test_teacher_is_frozen_during_distillation():
-    from kdrun.experiment import execute, prepare
+    from kdrun.experiment import prepare
 
     cfg = compose_config(*FAST, "results_dir=/nonexistent")
     plan = prepare(cfg)

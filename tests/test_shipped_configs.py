@@ -1,5 +1,4 @@
 """The shipped experiment recipes compose, and the shipped sweeps expand to the intended jobs."""
-from pathlib import Path
 
 import pytest
 import yaml
