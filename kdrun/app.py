@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from kdrun.progress import console, print_error
 from kdrun.results import RESULT_FILE, read_result, write_result
+from kdrun.train import NonFiniteLoss
 
 
 def experiment_job(cfg: DictConfig) -> None:
@@ -26,6 +27,9 @@ def experiment_job(cfg: DictConfig) -> None:
         except ConfigError as exc:
             print_error("kdrun: error:", exc)
             sys.exit(2)
+        except NonFiniteLoss as exc:  # the run's result.json already records the failure
+            print_error("kdrun: training failed:", exc)
+            sys.exit(1)
         return
     sweep_job(cfg, hydra_cfg)
 

@@ -29,9 +29,11 @@ def dispatch(argv: list[str]) -> None:
             from kdrun import commands
 
             sys.exit(commands.run_subcommand(argv[0], argv[1:]))
-        from kdrun.overrides import check_group_choices
+        from kdrun.overrides import check_group_choices, check_override_keys
 
         check_group_choices(argv)
+        if not any(a in ("--help", "-h", "--hydra-help", "--info", "--shell-completion") for a in argv):
+            check_override_keys(argv)
     except ConfigError as exc:
         fail(str(exc))
     run_hydra(argv)

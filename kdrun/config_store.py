@@ -26,3 +26,14 @@ def register_model_groups() -> None:
     for name in MODELS.names():
         store.store(group="teacher", name=name, node=teacher_node(name))
         store.store(group="student", name=name, node=student_node(name))
+
+
+def compose_config(overrides: list[str]):
+    """The composed run config for these overrides, as `kdrun` builds it (no Hydra run, nothing written)."""
+    from hydra import compose, initialize_config_dir
+
+    from kdrun.paths import conf_dir
+
+    register_model_groups()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))

@@ -1,5 +1,5 @@
-"""Refuse unknown config-group choices (method=kdd, teacher=resnet9) with one line and close matches,
-before Hydra composes anything."""
+"""Refuse unknown config-group choices (method=kdd, teacher=resnet9) and unknown keys (method.TT=2) with
+one line and close matches, before Hydra runs anything."""
 from __future__ import annotations
 
 import difflib
@@ -44,3 +44,42 @@ def check_group_choices(argv: list[str]) -> None:
                 close = difflib.get_close_matches(choice, options, n=3, cutoff=0.6)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise ConfigError(f"unknown {key} '{choice}'{hint} (allowed: {', '.join(options)})")
+
+
+def check_override_keys(argv: list[str]) -> None:
+    """Every `key=value` override must name an existing key (`+key=value` adds one, as in Hydra)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import DictConfig, OmegaConf
+
+    from kdrun.config_store import compose_config
+
+    parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-") and "=" in a])
+    groups = set(MODEL_GROUPS) | set(file_groups())
+    selections, keys = [], []
+    for override in parsed:
+        key = override.key_or_group
+        if key.startswith("hydra") or override.is_delete():
+            continue
+        if override.is_add() or override.is_force_add():
+            if key in groups:  # +experiment=..., +sweep=...: they shape the config
+                selections.append(override.input_line)
+            continue
+        if key in groups:  # for a sweep over groups, the first choice stands for all
+            first = next(iter(override.sweep_string_iterator())) if override.is_sweep_override() else override.value()
+            selections.append(f"{key}={first}")
+        else:
+            keys.append(key)
+    if not keys:
+        return
+    cfg = compose_config(selections)
+    for key in keys:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig) and leaf in node:
+            continue
+        known = list(node.keys()) if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(leaf, known, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(f'{parent}.{c}' if parent else c for c in close)}? " if close else ""
+        scope = f"keys of {parent}" if parent else "top-level keys"
+        where = f"{scope}: {', '.join(map(str, known))}; " if known else ""
+        raise ConfigError(f"unknown key {key} ({hint}{where}to add a new key write +{key}=...)")

@@ -48,11 +48,6 @@ def kdrun(tmp_path):
 
 def compose_config(*overrides: str):
     """The composed run config, as `kdrun` would build it (no Hydra run, nothing written)."""
-    from hydra import compose, initialize_config_dir
+    from kdrun.config_store import compose_config as compose
 
-    from kdrun.config_store import register_model_groups
-    from kdrun.paths import conf_dir
-
-    register_model_groups()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose(list(overrides))

@@ -98,6 +98,8 @@ def test_teacher_is_frozen_during_distillation():
     ("precision=fp8", "precision=fp8"),
     ("teacher.checkpoint=/no/such/file.pt", "teacher.checkpoint=/no/such/file.pt"),
     ("dataset=cifar10", "dataset.root="),
+    ("method.TT=3", "unknown key method.TT (did you mean method.T?"),
+    ("epoch=3", "unknown key epoch (did you mean epochs?"),
 ])
 def test_bad_input_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys, override, fragment):
     if override == "device=cuda" and torch.cuda.is_available():
@@ -152,3 +154,11 @@ def test_help_shows_groups_and_cfg_prints_the_composed_config(capsys):
     assert run_cli("--cfg", "job", "method=ce", "student=resnet14") == 0
     out = capsys.readouterr().out
     assert "name: ce" in out and "name: resnet14" in out
+
+
+def test_a_diverging_run_stops_with_one_line_naming_the_term_and_step(kdrun, capsys):
+    code, results = kdrun("method=ce", "optim.lr=1e12")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert "loss term 'ce' is" in err[-1] and "at step" in err[-1]
+    assert results[0]["status"] == "failed" and "NonFiniteLoss" in results[0]["error"]
