@@ -11,6 +11,7 @@ from kdrun.errors import ConfigError
 from kdrun.features import layer_pairs, parameters_feeding
 from kdrun.methods.base import Forward, Method, Stage
 from kdrun.methods.fitnet import make_regressor
+from kdrun.methods.common import init_stage_lr
 from kdrun.methods.registry import register_method
 
 INIT_STAGE = "init"
@@ -64,7 +65,7 @@ class AB(Method):
                 self.connectors.append(make_regressor("ab", (s, t), s_shape, t_shape, relu=False))
 
     def stages(self, epochs: int) -> list[Stage]:
-        return [Stage(INIT_STAGE, self.init_epochs, constant_lr=True), Stage("main", epochs)]
+        return [Stage(INIT_STAGE, self.init_epochs, lr=init_stage_lr(self.cfg), constant_lr=True), Stage("main", epochs)]
 
     def weights(self) -> dict[str, float]:
         if self.stage == INIT_STAGE:

@@ -55,3 +55,9 @@ def require_feature_maps(method: str, pair: tuple[str, str], s_shape, t_shape) -
     """Refuse a pair unless both sides are C x H x W feature maps (not pooled vectors)."""
     if len(s_shape) != 3 or len(t_shape) != 3:
         raise pair_error(method, pair, s_shape, t_shape, "needs C x H x W feature maps on both sides")
+
+
+def init_stage_lr(cfg) -> float:
+    """`method.init_lr`: the constant learning rate of a preliminary stage (RepDistiller's `init()` trains the
+    AB, FT-paraphraser and FSP stages at 0.01, unscheduled, for its ResNet/WRN/MobileNet/ShuffleNet students)."""
+    return config_number(cfg, "init_lr", 0.01, strict=True)

@@ -13,7 +13,7 @@ from kdrun.errors import ConfigError
 from kdrun.features import format_shape, model_label
 from kdrun.methods.base import Forward, Method, Stage
 from kdrun.methods.registry import register_method
-from kdrun.methods.common import config_number
+from kdrun.methods.common import init_stage_lr, config_number
 
 INIT_STAGE = "fsp"
 
@@ -109,7 +109,7 @@ class FSP(Method):
                                   f"{_matrix_text(self.teacher, t, t_shapes)}; pair layers of equal channel counts")
 
     def stages(self, epochs: int) -> list[Stage]:
-        init = [Stage(INIT_STAGE, self.init_epochs)] if self.init_epochs > 0 else []
+        init = [Stage(INIT_STAGE, self.init_epochs, lr=init_stage_lr(self.cfg), constant_lr=True)] if self.init_epochs > 0 else []
         return init + [Stage("main", epochs)]
 
     def weights(self) -> dict[str, float]:

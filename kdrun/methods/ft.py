@@ -12,7 +12,7 @@ from kdrun.errors import ConfigError
 from kdrun.features import format_shape, model_device
 from kdrun.methods.base import Forward, Method, Stage, StepOutput
 from kdrun.methods.registry import register_method
-from kdrun.methods.common import config_number, single_pair
+from kdrun.methods.common import init_stage_lr, config_number, single_pair
 from kdrun.methods.common import pool_to_common_size
 
 PARAPHRASER_STAGE = "paraphraser"
@@ -116,7 +116,8 @@ class FT(Method):
         self.translator = Translator(s_shape[0], factor_channels).to(device)
 
     def stages(self, epochs: int) -> list[Stage]:
-        init = [Stage(PARAPHRASER_STAGE, self.init_epochs)] if self.init_epochs > 0 else []
+        init = ([Stage(PARAPHRASER_STAGE, self.init_epochs, lr=init_stage_lr(self.cfg), constant_lr=True)]
+                if self.init_epochs > 0 else [])
         return init + [Stage("main", epochs)]
 
     def weights(self) -> dict[str, float]:
