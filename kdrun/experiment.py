@@ -17,11 +17,11 @@ from torch import nn
 from kdrun.chain import assistant_names, build_assistants, check_chain, resolve_chain, root_identity
 from kdrun.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from kdrun.data import ImageData, load_dataset, make_loaders
+from kdrun.errors import ConfigError
 from kdrun.methods import METHODS, Method
 from kdrun.models import create_model
 from kdrun.progress import RunProgress, print_summary
 from kdrun.results import METRICS_FILE, RESULT_FILE, write_metrics, write_result
-from kdrun.errors import ConfigError
 from kdrun.teachers import check_snapshot_epoch, model_options_of, resolve_teacher
 from kdrun.train import TrainSettings, fit
 from kdrun.validate import check_config, resolve_device
