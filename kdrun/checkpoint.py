@@ -22,10 +22,20 @@ def atomic_write_bytes(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp creates 0600: give files the umask's usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: once, at import
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
 
 
 def atomic_write_text(path: Path, text: str) -> None:

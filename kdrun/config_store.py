@@ -13,7 +13,8 @@ def teacher_node(name: str) -> dict:
         "epochs": "${epochs}",     # teacher training epochs (fewer: a deliberately poor teacher)
         "lr": "${optim.lr}",
         "seed": 0,                 # one teacher serves every student seed
-        "snapshot_epoch": None,
+        "snapshot_epoch": None,    # use the weights after this epoch of the teacher's training
+        "keep_snapshots": True,    # keep every epoch's weights in the teacher cache (model size x epochs)
     }
 
 

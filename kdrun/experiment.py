@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kdrun.chain import assistant_names, build_assistants, check_chain, resolve_chain, root_identity
-from kdrun.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from kdrun.checkpoint import atomic_write_text, load_checkpoint, load_weights, save_checkpoint
 from kdrun.data import ImageData, load_dataset, make_loaders
 from kdrun.errors import ConfigError
 from kdrun.methods import METHODS, Method
@@ -125,7 +125,7 @@ def execute(plan: Plan, run_dir: Path) -> dict:
     cfg, data, method, settings = plan.cfg, plan.data, plan.method, plan.settings
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     record = base_record(cfg, run_dir, str(settings.device))
     write_result(run_dir / RESULT_FILE, record)
     try:
@@ -137,6 +137,7 @@ def execute(plan: Plan, run_dir: Path) -> dict:
                                                 plan.assistants, data, settings)
             write_result(run_dir / RESULT_FILE, record)
         train_loader, test_loader = plan.train_loader, plan.test_loader
+        torch.manual_seed(cfg.seed)  # training a teacher just now (rather than loading it) must not change the run
         rows: list[dict] = []
 
         def on_epoch(row: dict, state: dict) -> None:

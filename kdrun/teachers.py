@@ -3,7 +3,8 @@
 The cache lives in `<results_dir>/teachers/<model>_<dataset>_<hash>/`, keyed by a hash of everything that
 determines the teacher (model and options, dataset, training settings, seed), so sweeps over students
 train each teacher once and `teacher.epochs=1` is a different, deliberately poor, teacher. Every epoch's
-weights are kept as a snapshot, so `teacher.snapshot_epoch=k` picks epoch k of the one training run.
+weights are kept as a snapshot (unless `teacher.keep_snapshots=false`), so `teacher.snapshot_epoch=k` picks
+epoch k of the one training run.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from kdrun.checkpoint import load_checkpoint, load_weights, save_checkpoint, sha256_file
+from kdrun.checkpoint import atomic_write_text, load_checkpoint, load_weights, save_checkpoint, sha256_file
 from kdrun.data import make_loaders
 from kdrun.errors import ConfigError
 from kdrun.methods.base import Method
@@ -30,7 +31,7 @@ from kdrun.results import read_result, write_metrics, write_result
 from kdrun.train import TrainSettings, evaluate, fit
 
 CACHE_FORMAT = 1  # bump when a change to training makes cached teachers stale
-TEACHER_CONTROL_KEYS = ("name", "checkpoint", "epochs", "lr", "seed", "snapshot_epoch")
+TEACHER_CONTROL_KEYS = ("name", "checkpoint", "epochs", "lr", "seed", "snapshot_epoch", "keep_snapshots")
 DATASET_LOCATION_KEYS = ("root", "download", "workers")
 
 
@@ -54,7 +55,8 @@ def training_identity(cfg) -> dict:
     return {
         "format": CACHE_FORMAT, "dataset": dataset, "epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr,
         "seed": cfg.teacher.seed, "batch_size": cfg.batch_size, "precision": cfg.precision,
-        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+        # teacher.lr is the teacher's learning rate: the student's optim.lr must not make it another teacher
+        "optim": {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items() if k != "lr"},
         "sched": OmegaConf.to_container(cfg.sched, resolve=True),
     }
 
@@ -131,6 +133,10 @@ def resolve_cached(cfg, cache: Path, identity: dict, label: str, new_learner, ta
     accuracy = record["test_acc"]
     if snapshot_epoch is not None:
         path = snapshot_path(cache, snapshot_epoch)
+        if not path.is_file():
+            raise ConfigError(f"teacher.snapshot_epoch={snapshot_epoch}: this teacher was trained with "
+                              f"teacher.keep_snapshots=false, so {path} does not exist; delete {cache} to "
+                              "train it again with its snapshots")
         accuracy = record["epoch_acc"][snapshot_epoch - 1]
     load_weights(target, load_checkpoint(path, "teacher cache"), "teacher cache", path)
     return ResolvedTeacher(accuracy, source, sha256_file(path), path)
@@ -143,15 +149,18 @@ def train_into_cache(cfg, cache: Path, identity: dict, label: str, learner: Meth
     learner.prepare(data.image_shape)
     train_loader, test_loader = make_loaders(data, cfg.batch_size, settings.device, cfg.teacher.seed,
                                              cfg.eval_batch_size)
+    train_loader = learner.wrap_train_loader(train_loader)  # e.g. CRD's memory bank, for an assistant
     cache.mkdir(parents=True, exist_ok=True)
-    (cache / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(identity)))
+    atomic_write_text(cache / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(identity)))
+    keep_snapshots = cfg.teacher.get("keep_snapshots", True)
     rows: list[dict] = []
 
     def on_epoch(row, state):
         rows.append(row)
         write_metrics(cache / "metrics.csv", rows)
-        save_checkpoint(snapshot_path(cache, row["epoch"]), {"model": learner.student.state_dict(),
-                                                             "epoch": row["epoch"]})
+        if keep_snapshots:
+            save_checkpoint(snapshot_path(cache, row["epoch"]), {"model": learner.student.state_dict(),
+                                                                 "epoch": row["epoch"]})
 
     with RunProgress(label) as progress:
         fit(learner, train_loader, test_loader, learner.stages(cfg.teacher.epochs), cfg.optim, cfg.sched,

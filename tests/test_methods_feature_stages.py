@@ -58,8 +58,8 @@ def read_rows(result: dict) -> list[dict]:
 # ----- YAML defaults: those of reference/methods.md (and the official codes' structural defaults) --------------
 
 @pytest.mark.parametrize("name, expected", [
-    ("ft", {"beta": 200.0, "init_epochs": 30, "rate": 0.5, "p": 1, "alpha": 0.0, "pairs": [["last", "last"]]}),
-    ("fsp", {"beta": 50.0, "init_epochs": 30, "alpha": 0.0, "pairs": [["stem", "s1"], ["s1", "s2"], ["s2", "s3"]]}),
+    ("ft", {"beta": 200.0, "init_epochs": 30, "init_lr": None, "rate": 0.5, "p": 1, "alpha": 0.0, "pairs": [["last", "last"]]}),
+    ("fsp", {"beta": 1.0, "init_epochs": 30, "init_lr": None, "alpha": 0.0, "pairs": [["stem", "s1"], ["s1", "s2"], ["s2", "s3"]]}),
     ("ofd", {"beta": 1e-3, "alpha": 0.0, "pairs": [["s1_pre", "s1_pre"], ["s2_pre", "s2_pre"], ["s3_pre", "s3_pre"]]}),
     ("vid", {"beta": 1.0, "alpha": 0.0, "pairs": [["s1", "s1"], ["s2", "s2"], ["s3", "s3"]], "init_pred_var": 5.0,
              "eps": 1e-5}),
@@ -102,7 +102,7 @@ def test_fsp_stages_terms_and_gradients():
     assert [(s.name, s.epochs) for s in method.stages(5)] == [("fsp", 2), ("main", 5)]
     assert [(s.name, s.epochs) for s in build(FSP, "fsp", init_epochs=0).stages(3)] == [("main", 3)]
     method.begin_stage(Stage("fsp", 2))
-    assert method.weights() == {"fsp": 50.0}
+    assert method.weights() == {"fsp": 1.0}  # RepDistiller sums the init-stage terms unweighted
     with torch.no_grad():
         fw = _forward(method, torch.randn(3, *DIGITS))
         s, t = fw.s_feats, fw.t_feats

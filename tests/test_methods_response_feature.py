@@ -76,8 +76,8 @@ DEFAULTS = {
     "dkd": {"ce_weight": 1.0, "dkd_alpha": 1.0, "dkd_beta": 8.0, "T": 4.0, "warmup": 20, "alpha": 0.0},
     "fitnet": {"pairs": [["s2", "s2"]], "beta": 100.0, "alpha": 0.0, "hint_epochs": 0},
     "at": {"pairs": [["s1", "s1"], ["s2", "s2"], ["s3", "s3"]], "beta": 1000.0, "p": 2},
-    "nst": {"pairs": [["s3", "s3"]], "beta": 50.0},
-    "ab": {"init_epochs": 30, "margin": 1.0, "pairs": [["s1_pre", "s1_pre"], ["s2_pre", "s2_pre"],
+    "nst": {"pairs": [["s1", "s1"], ["s2", "s2"], ["s3", "s3"]], "beta": 50.0},
+    "ab": {"init_epochs": 30, "init_lr": None, "margin": 1.0, "pairs": [["s1_pre", "s1_pre"], ["s2_pre", "s2_pre"],
                                                          ["s3_pre", "s3_pre"]]},
 }
 
@@ -287,7 +287,7 @@ def test_nst_loss_by_hand():
 
 def test_nst_gradients_and_refusal():
     method = build("nst")
-    assert method.student_layers() == ["s3"] and method.weights()["nst"] == 50.0
+    assert method.student_layers() == ["s1", "s2", "s3"] and method.weights()["nst"] == 50.0
     assert set(one_step(method)) == {"ce", "nst"}
     assert_grads_only_in_student_and_adapters(method)
     with pytest.raises(ConfigError, match=r"for nst: student s3 is 64x2x2 and teacher logits is 10"):

@@ -162,3 +162,30 @@ def test_a_diverging_run_stops_with_one_line_naming_the_term_and_step(kdrun, cap
     assert code == 1
     assert "loss term 'ce' is" in err[-1] and "at step" in err[-1]
     assert results[0]["status"] == "failed" and "NonFiniteLoss" in results[0]["error"]
+
+
+def test_a_run_does_not_depend_on_whether_its_teacher_was_trained_or_cached(kdrun):
+    import csv as _csv
+
+    # crd draws negatives at random during training: the run must start from its own seed either way
+    _, first = kdrun("method=crd", "epochs=2")
+    _, both = kdrun("method=crd", "epochs=2", "run_dir=" + str(kdrun.root / "again"))
+    second = next(r for r in both if r["run_dir"].endswith("again"))
+    assert (first[0]["teacher_source"], second["teacher_source"]) == ("trained", "cache")
+
+    def losses(record):
+        with open(Path(record["run_dir"]) / "metrics.csv") as f:
+            return [(row["train_loss"], row["test_acc"]) for row in _csv.DictReader(f)]
+
+    assert losses(first[0]) == losses(second)
+
+
+def test_outputs_are_readable_by_others_as_the_umask_allows(kdrun):
+    import os
+
+    from kdrun.checkpoint import UMASK
+
+    _, results = kdrun("method=ce")
+    run_dir = Path(results[0]["run_dir"])
+    for name in ("result.json", "metrics.csv", "checkpoint.pt", "config.yaml"):
+        assert (run_dir / name).stat().st_mode & 0o777 == 0o666 & ~UMASK, name

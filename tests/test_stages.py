@@ -16,3 +16,18 @@ def test_first_stage_lr_is_constant_and_main_stage_is_scheduled(kdrun, method, s
     # multistep milestones 0.625/0.75/0.875 of 4 epochs -> x0.1 from epoch index 3 (round(2.5) = 2 in Python)
     assert [r[0] for r in rows[2:]] == ["main"] * 4
     assert [lr for _, lr in rows[2:]] == pytest.approx([0.05, 0.05, 0.005, 0.0005])
+
+
+def test_ft_paraphraser_lr_defaults_to_repdistillers_choice():
+    from conftest import compose_config
+    from kdrun.methods.ft import FT
+    from kdrun.models import create_model
+
+    def paraphraser_stage(student: str):
+        cfg = compose_config("method=ft", f"student={student}").method
+        method = FT(cfg, create_model(student, 10, 1), create_model("resnet26", 10, 1), 10)
+        return method.stages(5)[0]
+
+    assert paraphraser_stage("resnet8").lr == 0.01 and paraphraser_stage("wrn_16_2").lr == 0.01
+    assert paraphraser_stage("vgg8").lr is None  # the run's own lr
+    assert paraphraser_stage("resnet8").constant_lr

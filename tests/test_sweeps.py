@@ -78,3 +78,16 @@ def test_submitit_local_executor(kdrun):
     code, results = kdrun("-m", "hydra/launcher=submitit_local", "method=ce", "seed=0,1")
     assert code == 0
     assert sorted(r["seed"] for r in results) == [0, 1] and all(r["status"] == "completed" for r in results)
+
+
+def test_snapshots_can_be_switched_off_and_asking_for_one_then_says_so(kdrun, capsys):
+    code, _ = kdrun("teacher.epochs=2", "teacher.keep_snapshots=false")
+    assert code == 0 and not list((kdrun.root / "teachers").glob("*/snapshots/*.pt"))
+    code, _ = kdrun("teacher.epochs=2", "teacher.snapshot_epoch=1", "seed=1")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "teacher.keep_snapshots=false" in err[-1]
+
+
+def test_an_assistant_chain_works_with_a_method_that_wraps_the_loader(kdrun):
+    code, results = kdrun("method=crd", "teacher=resnet20", "assistants=[resnet14]")
+    assert code == 0 and results[0]["chain"][0]["source"] == "trained"

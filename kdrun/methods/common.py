@@ -57,7 +57,9 @@ def require_feature_maps(method: str, pair: tuple[str, str], s_shape, t_shape) -
         raise pair_error(method, pair, s_shape, t_shape, "needs C x H x W feature maps on both sides")
 
 
-def init_stage_lr(cfg) -> float:
-    """`method.init_lr`: the constant learning rate of a preliminary stage (RepDistiller's `init()` trains the
-    AB, FT-paraphraser and FSP stages at 0.01, unscheduled, for its ResNet/WRN/MobileNet/ShuffleNet students)."""
-    return config_number(cfg, "init_lr", 0.01, strict=True)
+def init_stage_lr(cfg) -> float | None:
+    """`method.init_lr`: the constant learning rate of a preliminary stage, or None (null) for the run's own
+    `optim.lr`, as RepDistiller's `init()` uses for AB and FSP; its stage has no schedule either way."""
+    if cfg.get("init_lr") is None:
+        return None
+    return config_number(cfg, "init_lr", 0.0, strict=True)

@@ -80,8 +80,8 @@ class FSP(Method):
     (the classifier gets no gradient there), then stage `main` is ordinary training (CE, plus KD when
     `alpha` > 0) with no FSP term. Keys: `pairs` (see `fsp_pairs`; default stem->s1, s1->s2, s2->s3, each
     stage's input and output), `init_epochs` (30). The term `fsp` is the sum over pairs of `fsp_loss`,
-    weighted by `beta` (50). RepDistiller sums its init-stage terms unweighted (its `-b 50` never reaches
-    them): `method.beta=1` reproduces that stage exactly. FSP compares matrices entry by entry, so each
+    weighted by `beta` (1: RepDistiller sums its init-stage terms unweighted; its `-b 50` flag, the 50 often
+    quoted for FSP, never reaches them). FSP compares matrices entry by entry, so each
     pair's channel counts must be equal on both nets; other pairs are refused.
     """
 
@@ -115,7 +115,7 @@ class FSP(Method):
     def weights(self) -> dict[str, float]:
         # the init stage has the FSP term alone: without a `ce` or `kd` weight the base adds neither
         if self.stage == INIT_STAGE:
-            return {"fsp": float(self.cfg.get("beta", 50.0))}
+            return {"fsp": float(self.cfg.get("beta", 1.0))}
         return super().weights()
 
     def uses_teacher_outputs(self) -> bool:

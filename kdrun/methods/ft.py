@@ -2,6 +2,8 @@
 (RepDistiller distiller_zoo/FT.py, models/util.py Paraphraser and Translator, helper/pretrain.py)."""
 from __future__ import annotations
 
+import re
+
 from typing import Iterator
 
 import torch
@@ -67,6 +69,10 @@ class Translator(nn.Module):
         return self.encoder(f_s)
 
 
+# The students RepDistiller's pretrain.py trains the paraphraser for at lr 0.01 (others: the run's lr).
+CIFAR_RESNET_OR_WRN = re.compile(r"resnet(8|14|20|32|44|56|110|8x4|32x4)|wrn_\d+_\d+")
+
+
 @register_method("ft")
 class FT(Method):
     """Kim et al. 2018, Factor Transfer: a paraphraser of the teacher's last feature, a translator on the student.
@@ -81,8 +87,8 @@ class FT(Method):
     feat[-2]), `rate` k (0.5: factor channels = int(k C_t)), `p` (1).
     Where the paper and RepDistiller differ, this follows RepDistiller: the factor is
     `l2normalize(flatten(mean_c factor^2))` (its FactorTransfer p1=2) rather than the paper's
-    `l2normalize(flatten(factor))`. RepDistiller also trains the paraphraser at a fixed lr 0.01 for CIFAR
-    ResNet/WRN students; here the stage uses the run's optimizer and schedule, as every stage does.
+    `l2normalize(flatten(factor))`. The paraphraser stage runs at a constant lr: `init_lr`, by default 0.01 for CIFAR ResNet/WRN
+    students and the run's lr for others, as RepDistiller's pretrain.py.
     """
 
     term_names = ("ft",)
@@ -115,8 +121,16 @@ class FT(Method):
         self.paraphraser = Paraphraser(t_shape[0], factor_channels).to(device)
         self.translator = Translator(s_shape[0], factor_channels).to(device)
 
+    def paraphraser_lr(self) -> float | None:
+        """`method.init_lr`, or by default RepDistiller's choice: 0.01 for its CIFAR ResNet and WRN students,
+        the run's own lr for the others."""
+        lr = init_stage_lr(self.cfg)
+        if lr is None and CIFAR_RESNET_OR_WRN.fullmatch(getattr(self.student, "model_name", "")):
+            return 0.01
+        return lr
+
     def stages(self, epochs: int) -> list[Stage]:
-        init = ([Stage(PARAPHRASER_STAGE, self.init_epochs, lr=init_stage_lr(self.cfg), constant_lr=True)]
+        init = ([Stage(PARAPHRASER_STAGE, self.init_epochs, lr=self.paraphraser_lr(), constant_lr=True)]
                 if self.init_epochs > 0 else [])
         return init + [Stage("main", epochs)]
 

@@ -30,7 +30,7 @@ class NST(Method):
     """Huang & Wang 2017, Like What You Like: Neuron Selectivity Transfer (MMD, polynomial kernel).
 
     As RepDistiller: each channel's activations over positions are l2-normalised, the kernel is (a.b)^2, and
-    the larger map is average-pooled to the smaller one's size. The default pairs the last stage only."""
+    the larger map is average-pooled to the smaller one's size. The default pairs every stage (s1, s2, s3), summed, as RepDistiller's feat[1:-1]."""
 
     term_names = ("nst",)
 

@@ -146,6 +146,10 @@ class OFD(Method):
     half the channels, is refused as the official code refuses that teacher), recomputed every step so it
     follows the trained teacher. The term `ofd` sums `ofd_loss` over the pairs, pair i of n weighted by
     1 / 2^(n - i - 1), and is weighted by `beta` (1e-3, mdistiller's FEAT_WEIGHT; clovaai divides by 1000).
+    
+    Unlike the official code (clovaai's and mdistiller's OFD put the teacher in train mode, so its features
+    use batch statistics), the teacher here stays in eval mode like every kdrun teacher: frozen and
+    reproducible. Expect small differences from the published OFD numbers for that reason.
     """
 
     term_names = ("ofd",)
