@@ -1,14 +1,12 @@
 """CIFAR-10 and CIFAR-100 through torchvision's own classes (the pickled python batches under `root`)."""
 from __future__ import annotations
 
-import os
 import pickle
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from kdrun.data.registry import ImageData, register_dataset
+from kdrun.data.registry import ImageData, dataset_root, one_line, register_dataset
 from kdrun.errors import ConfigError
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -19,25 +17,11 @@ _READ_ERRORS = (RuntimeError, OSError, ValueError, KeyError, EOFError, TypeError
                 pickle.UnpicklingError)
 
 
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    """torchvision's message on one line (its download errors span several), shortened."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _root(cfg, title: str) -> tuple[str, Path]:
-    """(the value as the user wrote it, the expanded path); refuses an unset root."""
-    value = cfg.get("root")
-    if value is None or str(value).strip() == "":
-        raise ConfigError(f"dataset.root is not set; {title} needs a directory to read (or download) it from")
-    return str(value), Path(os.path.expanduser(str(value)))
-
-
 def _load_cifar(cfg, cls_name: str, title: str, expected_files: str, mean, std) -> ImageData:
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, cls_name)
-    value, root = _root(cfg, title)
+    value, root = dataset_root(cfg, f"{title} needs a directory to read (or download) it from")
     download = bool(cfg.get("download", False))
     folder = root / cls.base_folder
     names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
@@ -49,7 +33,7 @@ def _load_cifar(cfg, cls_name: str, title: str, expected_files: str, mean, std) 
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False)
     except _READ_ERRORS as err:
-        first = _one_line(err)
+        first = one_line(err)
         action = "could not download or read" if download else "has missing or corrupt"
         raise ConfigError(f"dataset.root={value} {action} {title} files ({expected}; torchvision: {first})") from None
 

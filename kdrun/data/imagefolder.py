@@ -6,15 +6,13 @@ serves the same `(images, labels, indices)` batches as `TensorLoader`, on the de
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kdrun.data.augment import normalize
-from kdrun.data.registry import register_dataset
+from kdrun.data.registry import dataset_root, register_dataset
 from kdrun.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -177,11 +175,7 @@ def _int(cfg, key: str, default: int, minimum: int) -> int:
 def load_imagefolder(cfg) -> FolderData:
     from torchvision.datasets import ImageFolder
 
-    value = cfg.get("root")
-    if value is None or str(value).strip() == "":
-        raise ConfigError(f"dataset.root is not set; imagefolder needs a directory with "
-                          f"{LAYOUT.format(root='<root>')}")
-    root = Path(os.path.expanduser(str(value)))
+    value, root = dataset_root(cfg, f"imagefolder needs a directory with {LAYOUT.format(root='<root>')}")
     layout = LAYOUT.format(root=root)
     for split in ("train", "val"):
         if not (root / split).is_dir():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kdrun.data.registry import ImageData, register_dataset
+from kdrun.data.registry import ImageData, dataset_root, one_line, register_dataset
 from kdrun.errors import ConfigError
 
 # Where `apt-get install dataset-fashion-mnist` puts the gzipped IDX files (tests point this elsewhere).
@@ -24,20 +24,6 @@ RAW_PATTERN = "{train,t10k}-{images-idx3,labels-idx1}-ubyte"
 
 # Errors torchvision's readers raise on a missing, truncated or otherwise corrupt file.
 _READ_ERRORS = (RuntimeError, OSError, ValueError, TypeError, AssertionError, KeyError, EOFError)
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    """torchvision's message on one line (its download errors span several), shortened."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _root(cfg, title: str) -> tuple[str, Path]:
-    """(the value as the user wrote it, the expanded path); refuses an unset root."""
-    value = cfg.get("root")
-    if value is None or str(value).strip() == "":
-        raise ConfigError(f"dataset.root is not set; {title} needs a directory to read (or download) it from")
-    return str(value), Path(os.path.expanduser(str(value)))
 
 
 def _has_files(folder: Path) -> bool:
@@ -77,7 +63,7 @@ def prepare_fashion_from_debian(root: Path, source: Path | None = None) -> bool:
 def _load_idx(cfg, cls_name: str, title: str, mean: float, std: float, debian: bool = False) -> ImageData:
     import torchvision.datasets as tvd
 
-    value, root = _root(cfg, title)
+    value, root = dataset_root(cfg, f"{title} needs a directory to read (or download) it from")
     download = bool(cfg.get("download", False))
     folder = root / cls_name
     expected = f"expected {folder}/raw/{RAW_PATTERN}"
@@ -96,7 +82,7 @@ def _load_idx(cfg, cls_name: str, title: str, mean: float, std: float, debian: b
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False)
     except _READ_ERRORS as err:
-        first = _one_line(err)
+        first = one_line(err)
         action = "could not download or read" if download else "has missing or corrupt"
         raise ConfigError(f"dataset.root={value} {action} {title} files ({expected}; torchvision: {first})") from None
     images = {"train": train.data, "test": test.data}

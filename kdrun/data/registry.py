@@ -1,10 +1,13 @@
 """The dataset registry and the in-memory dataset record every loader builds on."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from kdrun.errors import ConfigError
 from kdrun.registry import Registry
 
 DATASETS: Registry = Registry("dataset")
@@ -47,3 +50,17 @@ class ImageData:
                 raise ValueError(f"{split} images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
             if len(images) != len(labels):
                 raise ValueError(f"{split}: {len(images)} images but {len(labels)} labels")
+
+
+def dataset_root(cfg, needs: str) -> tuple[str, Path]:
+    """`dataset.root` as the user wrote it and expanded; an unset root is refused, saying what it `needs`."""
+    value = cfg.get("root")
+    if value is None or str(value).strip() == "":
+        raise ConfigError(f"dataset.root is not set; {needs}")
+    return str(value), Path(os.path.expanduser(str(value)))
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """A library's error message on one line (torchvision's download errors span several), shortened."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
