@@ -1,20 +1,14 @@
 """CIFAR-10 and CIFAR-100 through torchvision's own classes (the pickled python batches under `root`)."""
 from __future__ import annotations
 
-import pickle
-
 import numpy as np
 import torch
 
-from kdrun.data.registry import ImageData, dataset_root, one_line, register_dataset
+from kdrun.data.registry import ImageData, dataset_root, register_dataset, torchvision_splits
 from kdrun.errors import ConfigError
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-
-# Errors torchvision raises on a missing, corrupt (md5) or unreadable file, and on a failed download.
-_READ_ERRORS = (RuntimeError, OSError, ValueError, KeyError, EOFError, TypeError, AssertionError,
-                pickle.UnpicklingError)
 
 
 def _load_cifar(cfg, cls_name: str, title: str, expected_files: str, mean, std) -> ImageData:
@@ -29,13 +23,7 @@ def _load_cifar(cfg, cls_name: str, title: str, expected_files: str, mean, std) 
     if not download and not all((folder / name).is_file() for name in names):
         raise ConfigError(f"dataset.root={value} has no {title} files ({expected}); "
                           f"put them there or set dataset.download=true")
-    try:
-        train = cls(str(root), train=True, download=download)
-        test = cls(str(root), train=False)
-    except _READ_ERRORS as err:
-        first = one_line(err)
-        action = "could not download or read" if download else "has missing or corrupt"
-        raise ConfigError(f"dataset.root={value} {action} {title} files ({expected}; torchvision: {first})") from None
+    train, test = torchvision_splits(cls, root, value, title, expected, download)
 
     def images(ds) -> torch.Tensor:  # torchvision keeps N x 32 x 32 x 3 (HWC); the loader wants N x 3 x 32 x 32
         return torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))).to(torch.uint8)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kdrun.data.registry import ImageData, dataset_root, one_line, register_dataset
+from kdrun.data.registry import ImageData, dataset_root, register_dataset, torchvision_splits
 from kdrun.errors import ConfigError
 
 # Where `apt-get install dataset-fashion-mnist` puts the gzipped IDX files (tests point this elsewhere).
@@ -21,10 +21,6 @@ DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 RAW_PATTERN = "{train,t10k}-{images-idx3,labels-idx1}-ubyte"
-
-# Errors torchvision's readers raise on a missing, truncated or otherwise corrupt file.
-_READ_ERRORS = (RuntimeError, OSError, ValueError, TypeError, AssertionError, KeyError, EOFError)
-
 
 def _has_files(folder: Path) -> bool:
     """torchvision accepts the raw IDX files or the legacy processed/{training,test}.pt pair."""
@@ -78,13 +74,7 @@ def _load_idx(cfg, cls_name: str, title: str, mean: float, std: float, debian: b
                  if debian else "put them there or set dataset.download=true")
         raise ConfigError(f"dataset.root={value} has no {title} files ({expected}); {fixes}")
     cls = getattr(tvd, cls_name)
-    try:
-        train = cls(str(root), train=True, download=download)
-        test = cls(str(root), train=False)
-    except _READ_ERRORS as err:
-        first = one_line(err)
-        action = "could not download or read" if download else "has missing or corrupt"
-        raise ConfigError(f"dataset.root={value} {action} {title} files ({expected}; torchvision: {first})") from None
+    train, test = torchvision_splits(cls, root, value, title, expected, download)
     images = {"train": train.data, "test": test.data}
     labels = {"train": train.targets, "test": test.targets}
     for split in ("train", "test"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,3 +65,18 @@ def one_line(err: BaseException, limit: int = 300) -> str:
     """A library's error message on one line (torchvision's download errors span several), shortened."""
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# What torchvision raises on a missing, truncated or corrupt file (md5, pickle, IDX) and on a failed download.
+READ_ERRORS = (RuntimeError, OSError, ValueError, KeyError, EOFError, TypeError, AssertionError,
+               pickle.UnpicklingError)
+
+
+def torchvision_splits(cls, root: Path, value: str, title: str, expected: str, download: bool):
+    """The train and test datasets of a torchvision class; its errors become one ConfigError line."""
+    try:
+        return cls(str(root), train=True, download=download), cls(str(root), train=False)
+    except READ_ERRORS as err:
+        action = "could not download or read" if download else "has missing or corrupt"
+        raise ConfigError(f"dataset.root={value} {action} {title} files ({expected}; torchvision: "
+                          f"{one_line(err)})") from None
