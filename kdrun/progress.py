@@ -45,6 +45,9 @@ class RunProgress:
         name = self.label if stage == "main" else f"{self.label} [{stage}]"
         if self._progress is not None:
             self._task = self._progress.add_task(escape(name), total=epochs * steps_per_epoch, stats="")
+        else:  # a log gets a line now, not only when the first epoch ends
+            plural = "epoch" if epochs == 1 else "epochs"
+            console.print(escape(f"{name}: {epochs} {plural} of {steps_per_epoch} steps"), highlight=False)
 
     def advance(self) -> None:
         if self._progress is not None:

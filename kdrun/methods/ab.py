@@ -7,11 +7,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from kdrun.errors import ConfigError
 from kdrun.features import layer_pairs, parameters_feeding
 from kdrun.methods.base import Forward, Method, Stage
 from kdrun.methods.fitnet import make_regressor
-from kdrun.methods.common import init_stage_lr
+from kdrun.methods.common import config_number, init_stage_lr
 from kdrun.methods.registry import register_method
 
 INIT_STAGE = "init"
@@ -47,13 +46,9 @@ class AB(Method):
     def __init__(self, cfg, student, teacher, num_classes):
         super().__init__(cfg, student, teacher, num_classes)
         self.pairs = layer_pairs(cfg.get("pairs"))
-        self.init_epochs = cfg.get("init_epochs", 30)
-        if isinstance(self.init_epochs, bool) or not isinstance(self.init_epochs, int) or self.init_epochs < 1:
-            raise ConfigError(f"method.init_epochs={self.init_epochs} is not allowed: must be an integer >= 1 "
-                              "(AB transfers only in its init stage)")
-        self.margin = cfg.get("margin", 1.0)
-        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or self.margin < 0:
-            raise ConfigError(f"method.margin={self.margin} is not allowed: must be a number >= 0")
+        # at least one epoch: AB transfers only in its init stage
+        self.init_epochs = config_number(cfg, "init_epochs", 30, minimum=1, integer=True)
+        self.margin = config_number(cfg, "margin", 1.0)
         self.connectors = nn.ModuleList()
 
     def build(self, s_shapes, t_shapes) -> None:

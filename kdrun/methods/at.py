@@ -4,10 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdrun.errors import ConfigError
 from kdrun.features import layer_pairs
 from kdrun.methods.base import Forward, Method
-from kdrun.methods.common import require_feature_maps, pool_to_common_size
+from kdrun.methods.common import config_number, require_feature_maps, pool_to_common_size
 from kdrun.methods.registry import register_method
 
 
@@ -34,9 +33,7 @@ class AT(Method):
     def __init__(self, cfg, student, teacher, num_classes):
         super().__init__(cfg, student, teacher, num_classes)
         self.pairs = layer_pairs(cfg.get("pairs"))
-        self.p = cfg.get("p", 2)
-        if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or self.p <= 0:
-            raise ConfigError(f"method.p={self.p} is not allowed: must be a number > 0")
+        self.p = config_number(cfg, "p", 2.0, strict=True)
 
     def build(self, s_shapes, t_shapes) -> None:
         for s, t in self.pairs:

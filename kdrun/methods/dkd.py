@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdrun.errors import ConfigError
 from kdrun.methods.base import Forward, Method
+from kdrun.methods.common import config_number
 from kdrun.methods.registry import register_method
 
 MASKED = 1000.0  # subtracted from the (tempered) target logit to drop it from the non-target softmax
@@ -48,12 +48,9 @@ class DKD(Method):
 
     def __init__(self, cfg, student, teacher, num_classes):
         super().__init__(cfg, student, teacher, num_classes)
-        for key in ("dkd_alpha", "dkd_beta", "warmup"):
-            value = cfg.get(key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"method.{key}={value} is not allowed: must be a number >= 0")
-        self.dkd_alpha, self.dkd_beta = float(cfg.dkd_alpha), float(cfg.dkd_beta)
-        self.warmup = float(cfg.warmup)
+        self.dkd_alpha = config_number(cfg, "dkd_alpha", 1.0)
+        self.dkd_beta = config_number(cfg, "dkd_beta", 8.0)
+        self.warmup = config_number(cfg, "warmup", 20.0)
         self.warmup_factor = 0.0
 
     def uses_teacher_outputs(self) -> bool:

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.errors import ConfigError
 from kdrun.features import layer_pairs, pair_error, parameters_feeding
 from kdrun.methods.base import Forward, Method, Stage
+from kdrun.methods.common import config_number
 from kdrun.methods.registry import register_method
 
 HINT_STAGE = "hint"
@@ -69,9 +69,7 @@ class FitNet(Method):
     def __init__(self, cfg, student, teacher, num_classes):
         super().__init__(cfg, student, teacher, num_classes)
         self.pairs = layer_pairs(cfg.get("pairs"))
-        self.hint_epochs = cfg.get("hint_epochs", 0)
-        if isinstance(self.hint_epochs, bool) or not isinstance(self.hint_epochs, int) or self.hint_epochs < 0:
-            raise ConfigError(f"method.hint_epochs={self.hint_epochs} is not allowed: must be an integer >= 0")
+        self.hint_epochs = config_number(cfg, "hint_epochs", 0, integer=True)
         self.regressors = nn.ModuleList()
 
     def build(self, s_shapes, t_shapes) -> None:
