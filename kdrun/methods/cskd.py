@@ -10,6 +10,7 @@ from kdrun.data.augment import normalize, random_crop, random_hflip
 from kdrun.errors import ConfigError
 from kdrun.methods.base import Method, StepOutput
 from kdrun.methods.kd import kd_loss
+from kdrun.methods.common import config_number
 from kdrun.methods.registry import register_method
 
 
@@ -88,9 +89,7 @@ class CSKD(Method):
 
     @classmethod
     def configure(cls, cfg) -> None:
-        weight = cfg.method.get("lambda")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ConfigError(f"method.lambda={weight} is not allowed: the CS-KD weight must be a number >= 0")
+        config_number(cfg.method, "lambda", 1.0)
         if cfg.dataset.name == "imagefolder":  # decoded by a DataLoader, not held in memory
             raise ConfigError("dataset.name=imagefolder is not allowed with method=cskd: class pairs are drawn "
                               "from in-memory datasets only")

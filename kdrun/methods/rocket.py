@@ -12,6 +12,7 @@ from torch import nn
 from kdrun.errors import ConfigError
 from kdrun.features import FeatureTap, feature_shapes, model_label
 from kdrun.methods.base import Method, StepOutput
+from kdrun.methods.common import config_number
 from kdrun.methods.registry import register_method
 from kdrun.models import MODELS, create_model
 
@@ -169,9 +170,7 @@ class RocketLaunching(Method):
         shared = cfg.method.get("shared")
         if shared not in SHARED_ALIASES:
             raise ConfigError(f"method.shared={shared} is not allowed: one of {', '.join(SHARED_ALIASES)}")
-        weight = cfg.method.get("lambda")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ConfigError(f"method.lambda={weight} is not allowed: the hint weight must be a number >= 0")
+        config_number(cfg.method, "lambda", 1.0)
 
     def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None, num_classes: int):
         super().__init__(cfg, student, teacher, num_classes)
