@@ -1,12 +1,11 @@
 """`kdrun ls ...` (what exists) and `kdrun compare ...` (result tables)."""
 from __future__ import annotations
 
-import argparse
 
 from rich.console import Console
 from rich.table import Table
 
-from kdrun.errors import ConfigError
+from kdrun.errors import ConfigError, OneLineParser
 
 out = Console()
 
@@ -30,7 +29,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def ls_command(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kdrun ls", description="List registry entries.")
+    parser = OneLineParser(prog="kdrun ls", description="List registry entries.")
     parser.add_argument("what", choices=("models", "methods", "datasets", "layers"))
     parser.add_argument("model", nargs="?", help="model name (for `ls layers`)")
     parser.add_argument("--input", default="3x32x32", help="input shape CxHxW for `ls layers` (default 3x32x32)")

@@ -17,7 +17,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from kdrun.errors import ConfigError
+from kdrun.errors import ConfigError, OneLineParser
 
 RESULT_FILE = "result.json"
 TEACHER_CACHE_DIR = "teachers"
@@ -41,15 +41,8 @@ RUN_DIR = "_dir"  # where the record was found (run_dir in the record may point 
 MISSING = "-"
 
 
-class CompareParser(argparse.ArgumentParser):
-    """argparse that reports bad options as one-line ConfigErrors (exit code 2 through the CLI)."""
-
-    def error(self, message: str):
-        raise ConfigError(f"kdrun compare: {message}")
-
-
-def build_parser() -> CompareParser:
-    parser = CompareParser(prog="kdrun compare", description="Aggregate result.json records over seeds.")
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="kdrun compare", description="Aggregate result.json records over seeds.")
     parser.add_argument("dirs", nargs="*", default=["results"], help="directories to search (default: results)")
     parser.add_argument("--where", action="append", default=[], metavar="KEY=A[,B]",
                         help="keep runs whose KEY is one of the values (repeatable; all must hold)")
