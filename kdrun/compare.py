@@ -1,7 +1,8 @@
 """`kdrun compare [DIR ...]`: one row per configuration, seeds aggregated, from every result.json below DIRs.
 
-The pipeline is load records -> select (`--where`) -> group (detected or `--by` keys) and aggregate
-with pandas -> render (rich table, CSV, Markdown, LaTeX) and optionally plot (`kdrun.plots`).
+The pipeline is load and check records (`kdrun.compare_records`) -> select (`--where`) -> set repeats of
+one configuration and seed aside -> group (detected or `--by` keys) and aggregate with pandas -> render
+(rich table, CSV, Markdown, LaTeX) with what was left out listed below, and optionally plot (`kdrun.plots`).
 """
 from __future__ import annotations
 
@@ -11,21 +12,19 @@ import math
 import numbers
 import re
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
+from kdrun.compare_records import (FINISHED, KEPT, METRICS, REPEAT, RUN_DIR, Unreadable, identity_keys,
+                                   is_missing, load_records, split_repeats)
 from kdrun.errors import ConfigError, OneLineParser
 
-RESULT_FILE = "result.json"
-TEACHER_CACHE_DIR = "teachers"
-METRICS = ("best_acc", "last_acc")
 FORMATS = ("table", "csv", "markdown", "latex")
-# What makes a configuration; `method.*` keys are inserted after beta. Seeds are what gets aggregated.
-IDENTITY_KEYS = ("method", "teacher", "student", "dataset", "T", "alpha", "beta", "epochs", "teacher_epochs",
-                 "teacher_snapshot_epoch", "assistants", "lr", "batch_size", "precision")
 # Always shown when they vary, even when another shown key already tells the rows apart.
 CORE_KEYS = ("method", "teacher", "student", "dataset")
 BASELINE_METHOD = "ce"
@@ -36,9 +35,11 @@ BASELINE_KEYS = ("student", "dataset", "epochs", "batch_size", "lr", "precision"
 SHARED_WITH_BASELINE = (*BASELINE_KEYS, "seed", "device")
 # Outcomes and bookkeeping: nothing to group by.
 OUTCOME_KEYS = ("run_id", "status", "error", "best_acc", "best_epoch", "last_acc", "wall_s", "teacher_acc",
-                "teacher_source", "teacher_sha256", "config_hash", "run_dir", "peer_acc", "best_peer", "device", "chain")
-RUN_DIR = "_dir"  # where the record was found (run_dir in the record may point where the run was made)
+                "teacher_source", "teacher_sha256", "config_hash", "run_dir", "peer_acc", "best_peer", "device",
+                "chain", "finished_at", "updated_at")
 MISSING = "-"
+LEFT_OUT_COLUMNS = ("status", "run_id", "method", "student", "seed", "error")
+MAX_TABLE_WIDTH = 10_000
 
 
 def build_parser() -> OneLineParser:
@@ -61,81 +62,42 @@ def compare_command(args: list[str]) -> int:
     opts = build_parser().parse_args(args)
     for option in ("plot", "curves"):
         check_image_path(option, getattr(opts, option))
-    runs = load_runs(opts.dirs)
+    loaded = load_records(opts.dirs)
+    runs = loaded.runs
     where = parse_where(opts.where, runs)
     selected = select(runs, where)
-    done = selected[selected["status"] == "completed"]
+    done, repeats = split_repeats(completed(selected))
     keys = parse_by(opts.by, runs) if opts.by else detect_group_keys(done)
-    baseline_pool = select(runs, [(key, values) for key, values in where if key in SHARED_WITH_BASELINE])
+    baseline_pool, _ = split_repeats(completed(select(runs, [(key, values) for key, values in where
+                                                              if key in SHARED_WITH_BASELINE])))
     summary = aggregate(done, keys, opts.metric, baseline_means(baseline_pool, opts.metric))
     if summary.empty and (opts.plot or opts.curves):
         raise ConfigError("nothing to plot: no completed run matches; drop or widen --where")
     summary = sort_summary(summary, keys, opts.metric, opts.sort)
     emit(summary, keys, opts)
-    report_left_out(selected[selected["status"] != "completed"], to_stdout=opts.format == "table" and opts.out is None)
+    # The table format prints its notes below the table; the file formats keep stdout to the data.
+    notes = Console(stderr=not (opts.format == "table" and opts.out is None))
+    report_left_out(selected[selected["status"] != "completed"], notes)
+    report_repeats(repeats, keys, notes)
+    report_unreadable(loaded.unreadable, notes)
     draw_plots(summary, keys, opts)
     return 0
 
 
-# ---- load and select ------------------------------------------------------------------------------------
+# ---- select -------------------------------------------------------------------------------------------
 
-def load_runs(dirs: list[str]) -> pd.DataFrame:
-    """Every run record below `dirs` (teacher caches skipped), identity values made hashable."""
-    records = [record for path in find_result_files(dirs) if (record := read_run_record(path))]
-    if not records:
-        raise ConfigError(f"no run result.json below {', '.join(dirs)}; give directories that hold kdrun results "
-                          f"(default: results)")
-    runs = pd.DataFrame(records)
-    for key in identity_keys(runs.columns):
-        runs[key] = runs[key].map(hashable)
-    for key in (*METRICS, "teacher_acc"):
-        runs[key] = pd.to_numeric(runs[key], errors="coerce") if key in runs else math.nan
-    return runs
+def completed(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs["status"] == "completed"]
 
 
-def find_result_files(dirs: list[str]) -> list[Path]:
-    found: dict[Path, None] = {}
-    for name in dirs:
-        root = Path(name)
-        if not root.is_dir():
-            raise ConfigError(f"results directory {name} does not exist; give directories that hold kdrun results "
-                              f"(default: results)")
-        for path in sorted(root.rglob(RESULT_FILE)):
-            if TEACHER_CACHE_DIR not in path.relative_to(root).parts[:-1]:
-                found[path.resolve()] = None
-    return list(found)
-
-
-def read_run_record(path: Path) -> dict | None:
-    """The record, or None for unreadable files and records that are not student runs (e.g. teacher caches)."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(record, dict) or not {"status", "method", "student"} <= record.keys():
-        return None
-    return {**record, RUN_DIR: str(path.parent)}
-
-
-def identity_keys(columns) -> list[str]:
-    method_keys = sorted(c for c in columns if c.startswith("method."))
-    ordered = [*IDENTITY_KEYS[:7], *method_keys, *IDENTITY_KEYS[7:]]
-    return [key for key in ordered if key in columns]
-
-
-def hashable(value):
-    """Lists (assistant chains, layer lists) become `a+b` so that they group and match `--where` values;
-    an empty list (no assistants) is a missing value."""
-    if isinstance(value, (list, tuple)):
-        return "+".join(str(v) for v in value) or None
-    if isinstance(value, dict):
-        return json.dumps(value, sort_keys=True)
-    return value
+def is_internal(column: str) -> bool:
+    """Columns compare adds (where and when a record was found), not keys of the record."""
+    return column.startswith("_")
 
 
 def parse_where(items: list[str], runs: pd.DataFrame) -> list[tuple[str, list[str]]]:
     """`KEY=A,B` clauses as (key, values); every clause must hold, one of its values is enough."""
-    allowed = sorted(c for c in runs.columns if c != RUN_DIR)
+    allowed = sorted(c for c in runs.columns if not is_internal(c))
     clauses = []
     for item in items:
         key, sep, values = item.partition("=")
@@ -175,7 +137,7 @@ def select(runs: pd.DataFrame, where: list[tuple[str, list[str]]]) -> pd.DataFra
 
 
 def parse_by(text: str, runs: pd.DataFrame) -> list[str]:
-    allowed = [c for c in runs.columns if c not in OUTCOME_KEYS and c != RUN_DIR]
+    allowed = [c for c in runs.columns if c not in OUTCOME_KEYS and not is_internal(c)]
     keys = [key for key in text.split(",") if key]
     unknown = [key for key in keys if key not in allowed]
     if not keys or unknown:
@@ -254,10 +216,6 @@ def sort_token(value) -> tuple:
 
 # ---- render ---------------------------------------------------------------------------------------------
 
-def is_missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def format_value(value) -> str:
     if is_missing(value):
         return MISSING
@@ -305,14 +263,15 @@ def emit(summary: pd.DataFrame, keys: list[str], opts: argparse.Namespace) -> No
         path.parent.mkdir(parents=True, exist_ok=True)
         if text is None:
             with path.open("w") as handle:
-                Console(file=handle, width=200, color_system=None).print(rich_table(summary, keys, opts.metric))
+                print_unfolded(Console(file=handle, width=200, color_system=None),
+                               rich_table(summary, keys, opts.metric))
         else:
             path.write_text(text)
         Console(stderr=True).print(f"wrote {path}", highlight=False)
     elif text is None and summary.empty:
         Console().print("no completed run matches; failed and unfinished runs are listed below", highlight=False)
     elif text is None:
-        Console().print(rich_table(summary, keys, opts.metric))
+        print_unfolded(Console(), rich_table(summary, keys, opts.metric))
     else:
         sys.stdout.write(text)
 
@@ -321,14 +280,24 @@ def rich_table(summary: pd.DataFrame, keys: list[str], metric: str) -> Table:
     shown = display_frame(summary, keys, metric)
     runs = int(summary["n"].sum())
     table = Table(title=f"kdrun compare: {plural(len(summary), 'configuration')}, {plural(runs, 'completed run')}",
-                  caption=f"mean ± sample std (ddof=1) over seeds; {delta_header(metric)}: mean {metric} minus "
-                          f"that of {BASELINE_METHOD} with the same {', '.join(BASELINE_KEYS)}")
+                  caption=f"mean ± sample std (ddof=1) over seeds; n counts each seed once (of repeats, runs with "
+                          f"the same configuration and seed, the newest is kept); {delta_header(metric)}: mean "
+                          f"{metric} minus that of {BASELINE_METHOD} with the same {', '.join(BASELINE_KEYS)}")
     for index, column in enumerate(shown.columns):
-        table.add_column(column, justify="left" if index < len(keys) else "right", overflow="fold")
+        table.add_column(column, justify="left" if index < len(keys) else "right", no_wrap=True)
     best = summary[f"{metric}_mean"].idxmax() if summary[f"{metric}_mean"].notna().any() else None
     for index, row in shown.iterrows():
         table.add_row(*row, style="bold" if index == best else None)
     return table
+
+
+def print_unfolded(console: Console, table: Table) -> None:
+    """Print the table as wide as its cells need, past the console's width if need be: a value folded or
+    cut to fit (`94.00 ±` over `1.00`, `wide_res…`) is misread, a line the terminal wraps is still whole.
+    The caption wraps to the table's width."""
+    natural = Measurement.get(console, console.options.update(max_width=MAX_TABLE_WIDTH), table).maximum
+    console.width = max(console.width, natural)  # print(width=...) would be capped at the console's width
+    console.print(table)
 
 
 def plural(count: int, noun: str) -> str:
@@ -345,24 +314,58 @@ def to_markdown(shown: pd.DataFrame, numeric_from: int) -> str:
 
 
 def to_latex(shown: pd.DataFrame, metric: str, numeric_from: int) -> str:
-    """A booktabs tabular; Δ is spelled out because pdflatex has no Greek in its default text encoding."""
+    """A booktabs tabular; Δ is spelled out and ± set as $\\pm$ because pdflatex's default text encoding has
+    neither (escaping first, so that the math stays math)."""
     align = "l" * numeric_from + "r" * (len(shown.columns) - numeric_from)
     spelled = shown.rename(columns={delta_header(metric): delta_header(metric, delta="delta")})
-    return spelled.to_latex(index=False, escape=True, column_format=align)
+    return spelled.to_latex(index=False, escape=True, column_format=align).replace("±", r"$\pm$")
 
 
-def report_left_out(left_out: pd.DataFrame, to_stdout: bool) -> None:
+def report_left_out(left_out: pd.DataFrame, console: Console) -> None:
     """Failed and unfinished runs are listed apart; they never enter a mean."""
     if left_out.empty:
         return
     counts = ", ".join(f"{n} {status}" for status, n in left_out["status"].value_counts().sort_index().items())
     table = Table(title=f"left out of the means: {counts}")
-    for column in ("status", "run_id", "method", "student", "seed", "error"):
-        table.add_column(column, overflow="fold")
+    for column in LEFT_OUT_COLUMNS:
+        # Only the free-text error may fold; names and seeds stay whole.
+        table.add_column(column, no_wrap=column != "error", overflow="fold")
     for _, run in left_out.iterrows():
-        table.add_row(*(format_value(run.get(column)) for column in ("status", "run_id", "method", "student", "seed",
-                                                                   "error")))
-    Console(stderr=not to_stdout).print(table)
+        table.add_row(*(format_value(run.get(column)) for column in LEFT_OUT_COLUMNS))
+    console.print(table)
+
+
+def report_repeats(repeats: pd.DataFrame, keys: list[str], console: Console) -> None:
+    """Runs of one configuration and seed, newest (the one in the mean) first, with their directories."""
+    if repeats.empty:
+        return
+    groups = [group for _, group in repeats.groupby(REPEAT, sort=False)]
+    counts = ", ".join(f"{len(group)} of {config_label(group.iloc[0], keys)}, seed "
+                       f"{format_value(group.iloc[0].get('seed'))}" for group in groups)
+    lines = [f"repeats (same configuration and seed; the newest is kept): {counts}"]
+    for group in groups:
+        lines += [f"  {'kept' if run[KEPT] else 'left out':8}  {format_time(run[FINISHED])}  {run[RUN_DIR]}"
+                  for _, run in group.iterrows()]
+    print_lines(console, lines)
+
+
+def report_unreadable(unreadable: list[Unreadable], console: Console) -> None:
+    """Files that are no usable run record: listed, so that a table with fewer runs is never a surprise."""
+    if not unreadable:
+        return
+    lines = [f"unreadable result.json, left out: {plural(len(unreadable), 'file')}"]
+    lines += [f"  {file.path}: {file.reason}" for file in unreadable]
+    print_lines(console, lines)
+
+
+def print_lines(console: Console, lines: list[str]) -> None:
+    """Whole lines, never folded (paths are copied from them), no markup read into `[...]` in paths."""
+    for line in lines:
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
+def format_time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds")
 
 
 # ---- plots ----------------------------------------------------------------------------------------------
@@ -382,7 +385,8 @@ def draw_plots(summary: pd.DataFrame, keys: list[str], opts: argparse.Namespace)
     if opts.plot:
         baseline = (summary["method"] == BASELINE_METHOD).tolist() if "method" in keys else [False] * len(labels)
         plots.bar_chart(Path(opts.plot), labels, summary[f"{opts.metric}_mean"].tolist(),
-                        summary[f"{opts.metric}_std"].tolist(), opts.metric, baseline)
+                        summary[f"{opts.metric}_std"].tolist(), summary["n"].astype(int).tolist(), opts.metric,
+                        baseline)
     if opts.curves:
         drawn = plots.curves_chart(Path(opts.curves), labels, summary[RUN_DIR].tolist())
         if drawn < len(labels):

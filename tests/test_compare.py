@@ -1,17 +1,23 @@
 """`kdrun compare` on synthetic result.json / metrics.csv files (no training)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import math
+import os
 import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from matplotlib.container import ErrorbarContainer
 
 from conftest import run_cli
-from kdrun.compare import detect_group_keys, load_runs
-from kdrun.plots import curves_chart, read_curve
+from kdrun.compare import OUTCOME_KEYS, detect_group_keys
+from kdrun.compare_records import load_runs
+from kdrun import plots
+from kdrun.plots import accuracy_axis, bar_chart, curves_chart, read_curve
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -26,16 +32,20 @@ TEACHER_ACCS = [97.0, 98.0, 99.0]  # mean 98
 
 
 def record(method: str, student: str, seed: int, **changes) -> dict:
+    """A run record; its config_hash, as kdrun's, follows the configuration and seed (not the outcome)."""
     kd = method == "kd"
-    return {
+    rec = {
         "run_id": f"{method}_{student}_s{seed}", "status": "completed", "error": None, "method": method,
         "teacher": "resnet26" if kd else None, "student": student, "dataset": "digits", "seed": seed,
         "T": 4.0 if kd else None, "alpha": 0.9 if kd else None, "beta": None, "epochs": 3, "batch_size": 64,
         "lr": 0.05, "precision": "fp32", "teacher_epochs": 3 if kd else None,
         "teacher_acc": TEACHER_ACCS[seed % 3] if kd else None, "teacher_source": "trained" if kd else None,
         "teacher_sha256": None, "best_acc": None, "best_epoch": 3, "last_acc": None, "wall_s": 1.0,
-        "device": "cpu", "config_hash": f"{method}{student}{seed}", "run_dir": "/elsewhere", **changes,
+        "device": "cpu", "run_dir": "/elsewhere", **changes,
     }
+    configuration = {key: value for key, value in rec.items() if key not in OUTCOME_KEYS}
+    return {"config_hash": hashlib.sha256(json.dumps(configuration, sort_keys=True).encode()).hexdigest()[:16],
+            **rec}
 
 
 def write_run(root: Path, rec: dict, curve: list[float] | None = None, stages: list[str] | None = None) -> Path:
@@ -196,7 +206,9 @@ def test_markdown_and_latex(results, capsys):
     assert "| kd | resnet26 | resnet8 | 3 | 94.00 ± 1.00 | 93.00 ± 1.73 | 98.00 | +3.00 |" in lines
     code, out, _ = compare(capsys, str(results), "--format", "latex")
     assert code == 0 and "\\begin{tabular}" in out and "\\end{tabular}" in out
-    assert "kd & resnet26 & resnet8 & 3 & 94.00 ± 1.00" in out and "delta best vs ce" in out
+    # pdflatex typesets neither a raw ± nor a raw Δ
+    assert "kd & resnet26 & resnet8 & 3 & 94.00 $\\pm$ 1.00 & 93.00 $\\pm$ 1.73" in out
+    assert "±" not in out and "Δ" not in out and "delta best vs ce" in out
 
 
 @pytest.mark.parametrize("fmt", ["csv", "markdown", "latex", "table"])
@@ -208,16 +220,52 @@ def test_out_writes_the_file(results, capsys, tmp_path, fmt):
     if fmt == "csv":
         assert row(pd.read_csv(target), method="kd", student="resnet8")["best_acc_mean"] == pytest.approx(94.0)
     else:
-        assert "94.00 ± 1.00" in text
+        assert ("94.00 $\\pm$ 1.00" if fmt == "latex" else "94.00 ± 1.00") in text
 
 
-def test_plots_are_written(results, capsys, tmp_path):
+def test_plots_are_written(results, capsys, tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(plots, "bar_chart", lambda *args: drawn.append(args) or bar_chart(*args))
     bar, curves = tmp_path / "plots" / "bar.png", tmp_path / "plots" / "curves.png"
     code, _, _ = compare(capsys, str(results), "--plot", str(bar), "--curves", str(curves))
     assert code == 0
     for path in (bar, curves):
         data = path.read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+    _, labels, means, _, ns, *_ = drawn[0]
+    assert ns == [3, 3, 3, 3] and means[labels.index("kd, resnet26, resnet8")] == pytest.approx(94.0)
+
+
+@pytest.mark.parametrize("lows, highs", [([99.3], [99.4]), ([93.0, 93.1], [93.0, 93.1]), ([80.0], [99.0])])
+def test_bar_chart_axis_starts_low_enough_to_be_honest(lows, highs):
+    start, end = accuracy_axis(lows, highs)
+    assert start <= min(lows) - 1.0 and start == round(start)  # a round number, a point or more below
+    # Longest over shortest bar: at most 2, and a 0.1-point difference at most 1.1 (not a bar many times another).
+    ratio = (max(highs) - start) / (min(lows) - start)
+    assert ratio <= 2 and ratio <= 1 + (max(highs) - min(lows)) + 1e-9
+    assert max(highs) < end <= 100.0
+
+
+def test_bar_chart_axis_starts_at_zero_for_far_apart_values_and_ends_at_100():
+    assert accuracy_axis([30.0, 90.0], [40.0, 95.0])[0] == 0.0
+    assert accuracy_axis([97.0], [100.0])[1] == 100.0
+
+
+def test_bar_chart_marks_the_zoom_shows_n_and_stays_within_100(tmp_path):
+    figure = bar_chart(tmp_path / "bar.png", ["ce", "kd", "kd, T=2"], [99.35, 99.9, 99.5], [0.16, 0.3, math.nan],
+                       [3, 3, 1], "best_acc", [True, False, False])
+    axes = figure.axes[0]
+    start, end = axes.get_xlim()
+    assert 0 < start < 99.35 - 0.16 and end == 100.0
+    assert f"axis starts at {start:g}, not 0" in axes.get_xlabel()
+    bars = next(c for c in axes.containers if isinstance(c, ErrorbarContainer))
+    error_bars = bars.lines[2][0].get_segments()
+    assert max(x for segment in error_bars for x, _ in segment) == pytest.approx(100.0)  # 99.9 + 0.3 clipped
+    values = axes.child_axes[0].get_yticklabels()
+    assert [v.get_text() for v in values] == ["99.35 ± 0.16 (n=3)", "99.90 ± 0.30 (n=3)", "99.50 (n=1)"]
+    renderer = figure.canvas.get_renderer()
+    figure.draw(renderer)
+    assert all(figure.bbox.contains(*corner) for v in values for corner in v.get_window_extent(renderer).corners())
 
 
 def test_curves_average_the_seeds_found_beside_each_result(results, tmp_path):
@@ -255,3 +303,123 @@ def test_bad_input_is_one_line_and_exit_2(results, tmp_path, capsys, args, says)
     code, out, err = compare(capsys, *(arg.format(**paths) for arg in args))
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and says in err
+
+
+# ---- corrupt files, repeats, unfolded cells -------------------------------------------------------------
+
+def write_file(root: Path, name: str, content: str | bytes) -> Path:
+    path = root / "runs" / name / "result.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+CUT = "truncated: not valid JSON, the file ends mid-record"
+CORRUPT = {  # run directory -> (result.json content, the reason compare gives)
+    "syntax": ('{"status": "completed" "method": "kd"}', "not valid JSON (line 1 column 24)"),
+    "cut": (json.dumps(record("kd", "resnet8", 5, best_acc=93.0))[:60], f"{CUT} (line 1 column 47)"),
+    "cut_between": ('{"status": "completed", ', f"{CUT} (line 1 column 25)"),
+    "empty": ("", "empty file"),
+    "latin1": (b'{"student": "r\xe9snet8"}', "not UTF-8 text"),
+    "array": ("[1, 2]", "not a JSON object (an array)"),
+    "partial": ('{"method": "kd"}', "missing keys: status, student"),
+    "no_acc": (json.dumps(record("kd", "resnet8", 6)), "completed but best_acc is missing"),
+    "text_acc": (json.dumps(record("kd", "resnet8", 7, best_acc="high")),
+                 'completed but best_acc is not a number ("high")'),
+}
+
+
+def test_unreadable_files_are_listed_with_their_reason(results, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    paths = {name: write_file(results, name, content) for name, (content, _) in CORRUPT.items()}
+    cache = results / "teachers" / "broken"
+    cache.mkdir()
+    (cache / "result.json").write_text("{not json")  # a teacher cache: not a run, skipped silently
+    code, out, err = compare(capsys, str(results))
+    assert code == 0 and err == ""
+    main, listing = out.split("unreadable result.json, left out: 9 files")
+    assert "94.00 ± 1.00" in main and "runs/syntax" not in main
+    for name, (_, reason) in CORRUPT.items():
+        assert f"{paths[name]}: {reason}" in listing
+    assert "broken" not in out
+    # Machine-readable formats: stdout stays the data, the listing goes to stderr.
+    table = compare_csv(capsys, str(results))
+    assert row(table, method="kd", student="resnet8")["n"] == 3
+    _, out, err = compare(capsys, str(results), "--format", "csv")
+    assert "unreadable" not in out and f"{paths['partial']}: missing keys: status, student" in err
+
+
+def test_only_unreadable_files_is_a_one_line_error(tmp_path, capsys):
+    for name in ("array", "partial"):
+        write_file(tmp_path, name, CORRUPT[name][0])
+    code, out, err = compare(capsys, str(tmp_path))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "all 2 run result.json files below" in err and "cannot be used" in err and "(and 1 more)" in err
+    assert "not a JSON object (an array)" in err and "no run result.json" not in err
+
+
+def test_a_directory_of_teacher_caches_holds_no_runs(tmp_path, capsys):
+    cache = tmp_path / "teachers" / "resnet26_digits_abc"
+    cache.mkdir(parents=True)
+    (cache / "result.json").write_text(json.dumps({"model": "resnet26", "dataset": "digits", "status": "completed",
+                                                   "test_acc": 97.0, "best_acc": 97.0, "epoch_acc": [90.0, 97.0]}))
+    code, _, err = compare(capsys, str(tmp_path / "teachers"))
+    assert code == 2 and "no run result.json below" in err
+
+
+def rerun(root: Path, rec: dict, name: str, best: float, **changes) -> Path:
+    """Another run of the configuration and seed of `rec`, in its own directory."""
+    return write_run(root, {**rec, "run_id": name, "best_acc": best, "last_acc": best, **changes})
+
+
+def test_repeats_count_once_and_the_newest_is_kept(results, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    # The fixture's kd resnet8 seed 0 (94.0) has no timestamp: its file's mtime (now) orders it.
+    kd0 = record("kd", "resnet8", 0, best_acc=93.0, last_acc=92.0)
+    newer = rerun(results, kd0, "kd_resnet8_s0_again", 99.0, finished_at="2999-05-02T10:00:00")
+    older = rerun(results, kd0, "kd_resnet8_s0_before", 50.0, finished_at="2024-04-01T10:00:00+00:00")
+    rerun(results, kd0, "kd_resnet8_s0_failed", 0.0, status="failed", error="OOM", finished_at="2999-06-01T10:00:00")
+    rerun(results, record("kd", "resnet8", 0, T=2.0), "kd_T2_s0", 80.0)  # another configuration: no repeat
+    rerun(results, record("ce", "resnet8", 0), "ce_resnet8_s0_again", 96.0, updated_at="2999-01-01T00:00:00")
+    table = compare_csv(capsys, str(results))
+    kd8 = row(table, method="kd", student="resnet8", T=4)
+    assert kd8["n"] == 3 and kd8["best_acc_mean"] == pytest.approx((99.0 + 94.0 + 95.0) / 3)
+    assert row(table, method="kd", student="resnet8", T=2)["n"] == 1
+    ce8 = row(table, method="ce", student="resnet8")
+    assert ce8["n"] == 3 and ce8["best_acc_mean"] == pytest.approx((96.0 + 91.0 + 92.0) / 3)
+    assert kd8["delta_best_acc"] == pytest.approx(kd8["best_acc_mean"] - ce8["best_acc_mean"])  # baseline too
+    code, out, _ = compare(capsys, str(results))
+    main, notes = out.split("left out of the means")
+    assert "n counts each seed once" in main
+    heading = next(line for line in notes.splitlines() if line.startswith("repeats"))
+    assert heading.startswith("repeats (same configuration and seed; the newest is kept): ")
+    assert "2 of ce, resnet8, seed 0" in heading and "3 of kd, resnet26, resnet8, T=4, seed 0" in heading
+    listed = [(line.split()[0], line.split()[-1]) for line in notes.splitlines() if "runs/kd_resnet8_s0" in line]
+    assert listed == [("kept", str(newer)), ("left", str(results / "runs" / "kd_resnet8_s0")), ("left", str(older))]
+    assert "kd_resnet8_s0_failed" in notes.split("repeats")[0]  # a failed rerun is left out, it is no repeat
+
+
+def test_running_one_command_twice_is_one_seed(tmp_path, capsys):
+    """Repeats without config_hash or timestamps (older records): identity keys and seed, newest by mtime."""
+    first = record("ce", "resnet8", 0, best_acc=90.0, last_acc=90.0)
+    del first["config_hash"]
+    older = rerun(tmp_path, first, "ce_s0", 90.0)
+    newer = rerun(tmp_path, first, "ce_s0_2", 91.0)
+    os.utime(older / "result.json", (1_000_000, 1_000_000))
+    os.utime(newer / "result.json", (2_000_000, 2_000_000))
+    table = compare_csv(capsys, str(tmp_path))
+    assert table["n"].tolist() == [1] and table["best_acc_mean"].tolist() == [91.0]
+    assert pd.isna(table["best_acc_std"].iloc[0])
+    code, out, _ = compare(capsys, str(tmp_path), "--format", "markdown")
+    assert "| 1 | 91.00 |" in out and "± 0.00" not in out
+
+
+def test_table_cells_never_fold_in_a_narrow_terminal(results, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")
+    rerun(results, record("kd", "wide_resnet_16_2_long_name", 0), "wide", 90.0)
+    code, out, _ = compare(capsys, str(results))
+    main = out.split("left out of the means")[0]
+    assert code == 0 and "…" not in main
+    lines = main.splitlines()
+    for cell in ("94.00 ± 1.00", "93.00 ± 1.73", "wide_resnet_16_2_long_name", "resnet26", "+3.00"):
+        assert any(cell in line for line in lines), cell
