@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -9,14 +10,24 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
-
-from kdrun.errors import ConfigError
-from kdrun.experiment import base_record, config_hash, configure, run
 from rich.markup import escape
 
+from kdrun.errors import ConfigError, OutputError, RunError
+from kdrun.experiment import base_record, config_hash, configure, run
+from kdrun.interrupt import Interrupted, stop_requested
 from kdrun.progress import console, print_error
 from kdrun.results import RESULT_FILE, read_result, write_result
+from kdrun.sweep_summary import JobReport
 from kdrun.train import NonFiniteLoss
+
+# A run that started but could not finish: one line, exit status 1 (a refused configuration is 2).
+RUN_FAILURES = (NonFiniteLoss, RunError, OutputError)
+
+
+def interrupted_exit_code() -> int:
+    """128 + the signal's number, as a shell reports a process that a signal ended."""
+    name = stop_requested() or "SIGINT"
+    return 128 + int(getattr(signal, name, signal.SIGINT))
 
 
 def experiment_job(cfg: DictConfig) -> None:
@@ -27,17 +38,26 @@ def experiment_job(cfg: DictConfig) -> None:
         except ConfigError as exc:
             print_error("kdrun: error:", exc)
             sys.exit(2)
-        except NonFiniteLoss as exc:  # the run's result.json already records the failure
+        except RUN_FAILURES as exc:  # the run's result.json already records the failure
             print_error("kdrun: training failed:", exc)
             sys.exit(1)
+        except (Interrupted, KeyboardInterrupt) as exc:
+            print_error("kdrun: interrupted:", exc or "Ctrl-C")
+            sys.exit(interrupted_exit_code())
         return
     sweep_job(cfg, hydra_cfg)
 
 
 def sweep_job(cfg: DictConfig, hydra_cfg) -> None:
-    """A sweep job: its directory is Hydra's; completed twins are skipped; a failure is recorded, not raised."""
+    """A sweep job: its directory is Hydra's; completed twins are skipped, killed twins resumed; a failure
+    is recorded, not raised; each job reports its outcome for the sweep's summary."""
     job_dir = Path(hydra_cfg.runtime.output_dir)
     num = hydra_cfg.job.num
+    report = JobReport(Path(hydra_cfg.sweep.dir), num, list(hydra_cfg.overrides.task))
+    if stop_requested():  # a signal stopped an earlier job of this process: start no more
+        report.write("interrupted", job_dir, "not started: the sweep was stopped")
+        _remove_if_empty(job_dir)
+        return
     if cfg.get("skip_completed", True):
         try:
             configure(cfg)  # hash the configuration as the run records it
@@ -46,11 +66,17 @@ def sweep_job(cfg: DictConfig, hydra_cfg) -> None:
         done = find_completed(Path(cfg.results_dir), config_hash(cfg))
         if done is not None:
             console.print(escape(f"job {num} skipped: the same configuration completed in {done}"), highlight=False)
+            report.write("skipped", done)
             _remove_if_empty(job_dir)
             return
     share_machine(cfg, hydra_cfg)
+    report.write("running", job_dir)
     try:
-        run(cfg, job_dir)
+        record = run(cfg, job_dir, search=True)
+        report.write("completed", Path(record["run_dir"]))
+    except (Interrupted, KeyboardInterrupt) as exc:
+        print_error(f"job {num} interrupted:", exc or "Ctrl-C")
+        report.write("interrupted", job_dir, str(exc) or "Ctrl-C")
     except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the sweep
         print_error(f"job {num} failed:", exc)
         result = job_dir / RESULT_FILE
@@ -61,6 +87,9 @@ def sweep_job(cfg: DictConfig, hydra_cfg) -> None:
                 record = {"run_dir": str(job_dir)}
             record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
             write_result(result, record)
+        report.write("failed", job_dir, str(exc) if isinstance(exc, (ConfigError, *RUN_FAILURES))
+                     else f"{type(exc).__name__}: {exc}")
+    _remove_if_empty(job_dir)  # a resumed twin elsewhere leaves Hydra's fresh directory unused
 
 
 def find_completed(results_dir: Path, wanted_hash: str) -> Path | None:

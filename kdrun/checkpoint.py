@@ -1,32 +1,93 @@
-"""Checkpoints: atomic writes, `weights_only` loads, content hashes."""
+"""Checkpoints: atomic writes, `weights_only` loads, content hashes recorded beside every checkpoint.
+
+Every `save_checkpoint` writes `<file>.sha256` beside the file (sha256sum's format, so `sha256sum -c` checks
+it too); `load_verified` refuses a file whose bytes are not the recorded ones. A write that fails (a full
+disk, a read-only filesystem) raises an `OutputError` naming the path and the cause in words and leaves the
+previous version of the file in place.
+"""
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
+import socket
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from kdrun.errors import ConfigError
+from kdrun.errors import ConfigError, DamagedFile, OutputError
+
+HASH_SUFFIX = ".sha256"
+HOST = socket.gethostname().replace(".", "_")
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write through `write(file_object)` to a temp file beside `path`, then rename over it."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, then rename it over `path`: readers see the old file or
+    the new one, never half of one. The temp file's name holds host and pid, so a later write can tell
+    the leftovers of a killed process (`remove_stale_temp_files`) from another live writer's."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{HOST}-{os.getpid()}.", suffix=".tmp")
+    except OSError as exc:
+        raise output_error(path, exc) from None
+    try:
+        write_and_sync(fd, data)
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp creates 0600: give files the umask's usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise output_error(path, exc) from None
         raise
+    remove_stale_temp_files(path.parent)
+
+
+def write_and_sync(fd: int, data: bytes) -> None:
+    """Write all of `data` to the open file and flush it to the disk (a full disk fails here, not later)."""
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def output_error(path: Path, exc: OSError) -> OutputError:
+    """`cannot write results/x/checkpoint.pt: No space left on device` (errno's own words)."""
+    if isinstance(exc, OutputError):
+        return exc
+    cause = os.strerror(exc.errno) if exc.errno else str(exc)
+    if exc.errno == errno.ENOTDIR:
+        cause = "a parent of it is a file, not a directory"
+    return OutputError(exc.errno, f"cannot write {path}: {cause}")
+
+
+def remove_stale_temp_files(directory: Path) -> None:
+    """Delete temp files that a process of this host left behind when it was killed mid-write."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            continue
+        parts = entry.name.rsplit(".", 3)  # [".name", "host-pid", random, "tmp"]
+        owner = parts[1] if len(parts) == 4 else ""
+        host, _, pid = owner.rpartition("-")
+        if host == HOST and pid.isdigit() and not process_alive(int(pid)):
+            Path(entry.path).unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _read_umask() -> int:
@@ -39,11 +100,33 @@ UMASK = _read_umask()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+    atomic_write_bytes(path, text.encode())
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+def hash_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + HASH_SUFFIX)
+
+
+def save_checkpoint(path: Path, state: dict) -> str:
+    """Save `state` atomically and record its sha256 beside it; returns the hash.
+
+    Serialised in memory first, so a failed write is Python's OSError with its errno (torch's own writer
+    reports a full disk as an opaque `enforce fail` RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(path, data)
+    atomic_write_text(hash_path(path), f"{digest}  {Path(path).name}\n")
+    return digest
+
+
+def recorded_hash(path: Path) -> str | None:
+    try:
+        text = hash_path(path).read_text().split()
+    except OSError:
+        return None
+    return text[0] if text and len(text[0]) == 64 else None
 
 
 def sha256_file(path: Path) -> str:
@@ -54,16 +137,42 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def load_verified(path: Path) -> tuple[dict, str]:
+    """Load a checkpoint kdrun wrote, checking its bytes against the recorded sha256; returns (state, hash).
+    Raises DamagedFile when the file is missing, its hash is missing or differs, or it does not load."""
+    path = Path(path)
+    if not path.is_file():
+        raise DamagedFile(path, "the file is missing")
+    expected = recorded_hash(path)
+    if expected is None:
+        raise DamagedFile(path, f"its hash file {hash_path(path).name} is missing or unreadable")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise DamagedFile(path, f"its sha256 is {actual[:12]}..., {hash_path(path).name} records {expected[:12]}...")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), actual
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for foreign files
+        raise DamagedFile(path, f"it does not load ({first_line(exc)})") from None
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
+
+
 def load_checkpoint(path: Path, key: str = "checkpoint") -> dict:
     """Load with `weights_only=True`; a missing or unreadable file is a ConfigError naming `key`."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"{key}={path}: no such file")
+    expected = recorded_hash(path)
+    if expected is not None and sha256_file(path) != expected:
+        raise ConfigError(f"{key}={path} is damaged: its bytes are not the ones {hash_path(path).name} beside it "
+                          "records")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{key}={path} is not a readable PyTorch checkpoint ({reason[:160]})") from None
+        raise ConfigError(f"{key}={path} is not a readable PyTorch checkpoint ({first_line(exc)})") from None
 
 
 def model_state(checkpoint: dict) -> dict:

@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:  # `kdrun --help | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    except KeyboardInterrupt:  # Ctrl-C outside a run (a run records its own interruption)
+        print_error("kdrun: interrupted:", "Ctrl-C")
+        sys.exit(130)
 
 
 def dispatch(argv: list[str]) -> None:
@@ -31,12 +34,22 @@ def dispatch(argv: list[str]) -> None:
             sys.exit(commands.run_subcommand(argv[0], argv[1:]))
         from kdrun.overrides import check_group_choices, check_override_keys
 
+        check_flag_combination(argv)
         check_group_choices(argv)
         if not any(a in ("--help", "-h", "--hydra-help", "--info", "--shell-completion") for a in argv):
             check_override_keys(argv)
     except ConfigError as exc:
         fail(str(exc))
     run_hydra(argv)
+
+
+def check_flag_combination(argv: list[str]) -> None:
+    """Hydra answers `-m --cfg job` with a traceback; say what works instead."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    shows = [a for a in argv if a in ("-c", "--cfg", "-i", "--info")]
+    if multirun and shows:
+        raise ConfigError(f"{shows[0]} cannot be combined with -m/--multirun: drop -m and give one value per key "
+                          "to see one job's configuration, e.g. kdrun --cfg job method=kd")
 
 
 def run_hydra(argv: list[str]) -> None:
@@ -46,6 +59,10 @@ def run_hydra(argv: list[str]) -> None:
     from kdrun.config_store import register_model_groups
     from kdrun.paths import conf_dir
 
+    from kdrun import sweep_summary
+
     register_model_groups()
     sys.argv = ["kdrun", *argv]
     hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(experiment_job)()
+    if sweep_summary.exit_status:  # a sweep with a failed (1) or interrupted (130) job
+        sys.exit(sweep_summary.exit_status)

@@ -32,15 +32,19 @@ def ls_command(args: list[str]) -> int:
     parser = OneLineParser(prog="kdrun ls", description="List registry entries.")
     parser.add_argument("what", choices=("models", "methods", "datasets", "layers"))
     parser.add_argument("model", nargs="?", help="model name (for `ls layers`)")
-    parser.add_argument("--input", default="3x32x32", help="input shape CxHxW for `ls layers` (default 3x32x32)")
-    parser.add_argument("--classes", type=int, default=100, help="number of classes for `ls layers` (default 100)")
+    parser.add_argument("--dataset", help="`ls layers`: take the input shape and classes of this dataset "
+                                           "(default: the configured one, digits)")
+    parser.add_argument("--input", help="input shape CxHxW for `ls layers` (default: the dataset's)")
+    parser.add_argument("--classes", type=int, help="number of classes for `ls layers` (default: the dataset's)")
     parser.add_argument("--fx", action="store_true",
                         help="`ls layers` also lists the torch.fx node names (tap them as fx:NODE) with their shapes")
     opts = parser.parse_args(args)
     if opts.what == "layers":
         if not opts.model:
             raise ConfigError("`kdrun ls layers` needs a model name, e.g. kdrun ls layers resnet26")
-        return ls_layers(opts.model, parse_shape(opts.input), opts.classes, opts.fx)
+        shape, classes = dataset_shape(opts.dataset)
+        return ls_layers(opts.model, parse_shape(opts.input) if opts.input else shape, opts.classes or classes,
+                         opts.fx)
     registry = registry_of(opts.what)
     table = Table(title=f"kdrun {opts.what}")
     table.add_column("name", style="bold")
@@ -49,6 +53,22 @@ def ls_command(args: list[str]) -> int:
         table.add_row(entry, registry.describe(entry))
     out.print(table)
     return 0
+
+
+def dataset_shape(name: str | None) -> tuple[tuple[int, ...], int]:
+    """Input shape and classes of the named dataset, or of the one `conf/config.yaml` chooses."""
+    from kdrun.data import DATASETS
+    from kdrun.data.registry import INPUT_SHAPES
+
+    if name is None:
+        from kdrun.config_store import compose_config
+
+        name = str(compose_config([]).dataset.name)
+    if name not in DATASETS:
+        raise ConfigError(DATASETS.unknown_message(name, key="--dataset"))
+    if name not in INPUT_SHAPES:
+        raise ConfigError(f"--dataset {name}: its image size is the user's; give --input CxHxW and --classes N")
+    return INPUT_SHAPES[name]
 
 
 def registry_of(what: str):

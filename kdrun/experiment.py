@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,14 +19,17 @@ from torch import nn
 from kdrun.chain import assistant_names, build_assistants, check_chain, resolve_chain, root_identity
 from kdrun.checkpoint import atomic_write_text, load_checkpoint, load_weights, save_checkpoint
 from kdrun.data import ImageData, load_dataset, make_loaders
-from kdrun.errors import ConfigError
+from kdrun.errors import ConfigError, OutputError
+from kdrun.interrupt import Interrupted, stop_on_signals, stop_requested
 from kdrun.methods import METHODS, Method
 from kdrun.models import create_model
-from kdrun.progress import RunProgress, print_summary
-from kdrun.results import METRICS_FILE, RESULT_FILE, write_metrics, write_result
+from kdrun.progress import RunProgress, console, print_error, print_summary
+from kdrun.results import METRICS_FILE, RESULT_FILE, read_result, write_metrics, write_result
+from kdrun.resume import DamagedCheckpoint, RunLock, choose_run_dir, restore_training, training_state
+from kdrun.storage import check_output_space
 from kdrun.teachers import check_snapshot_epoch, model_options_of, resolve_teacher
 from kdrun.train import TrainSettings, fit
-from kdrun.validate import check_config, resolve_device
+from kdrun.validate import check_config, check_data_fits, resolve_device
 
 
 @dataclass
@@ -54,6 +59,7 @@ def prepare(cfg: DictConfig) -> Plan:
     check_config(cfg, method_cls.needs_teacher)
     device = resolve_device(cfg.device, cfg.precision)
     data = load_dataset(cfg.dataset)
+    check_data_fits(cfg, data)
     teacher, assistants = None, []
     if method_cls.needs_teacher:
         check_snapshot_epoch(cfg)
@@ -82,7 +88,7 @@ def prepare(cfg: DictConfig) -> Plan:
 def config_hash(cfg: DictConfig) -> str:
     """Identity of a run's configuration (where its outputs go does not count)."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("results_dir", "run_dir", "device", "skip_completed"):
+    for key in ("results_dir", "run_dir", "device", "skip_completed", "resume"):
         container.pop(key, None)
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -116,18 +122,23 @@ def base_record(cfg: DictConfig, run_dir: Path, device: str) -> dict:
         "assistants": list(cfg.get("assistants") or []) if uses_teacher else [],
         "teacher_acc": None, "teacher_source": None, "teacher_sha256": None,
         "best_acc": None, "best_epoch": None, "last_acc": None, "wall_s": None, "device": device,
-        "config_hash": config_hash(cfg), "run_dir": str(run_dir),
+        "config_hash": config_hash(cfg), "run_dir": str(run_dir), "host": socket.gethostname(), "pid": os.getpid(),
     }
 
 
-def execute(plan: Plan, run_dir: Path) -> dict:
-    """Train (teacher if needed, then student), writing config, metrics, result and checkpoint to `run_dir`."""
+def execute(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
+    """Train (teacher if needed, then student), writing config, metrics, result and checkpoint to `run_dir`.
+    With `resume`, continue the run there from its last epoch checkpoint."""
     cfg, data, method, settings = plan.cfg, plan.data, plan.method, plan.settings
     started = time.perf_counter()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = read_result(run_dir / RESULT_FILE) if resume else None
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     record = base_record(cfg, run_dir, str(settings.device))
+    if previous:
+        record.update(run_id=previous.get("run_id", run_dir.name), resumed=int(previous.get("resumed") or 0) + 1)
     write_result(run_dir / RESULT_FILE, record)
+    rows: list[dict] = []
+    earlier_wall_s = 0.0
     try:
         if plan.teacher is not None:
             teacher = resolve_teacher(cfg, plan.teacher, data, settings)
@@ -136,32 +147,61 @@ def execute(plan: Plan, run_dir: Path) -> dict:
                 record["chain"] = resolve_chain(cfg, type(method), plan.teacher, root_identity(cfg, teacher.sha256),
                                                 plan.assistants, data, settings)
             write_result(run_dir / RESULT_FILE, record)
-        train_loader, test_loader = plan.train_loader, plan.test_loader
         torch.manual_seed(cfg.seed)  # training a teacher just now (rather than loading it) must not change the run
-        rows: list[dict] = []
+        point = None
+        if resume:
+            restored = restore_run(run_dir, method, plan.loader_rng)
+            if restored is not None:
+                point, rows, earlier_wall_s = restored.point, list(restored.rows), restored.wall_s
+                write_metrics(run_dir / METRICS_FILE, rows)  # drop a row written after the checkpoint
+                record["resumed_after_epoch"] = point.epoch
+                console.print(f"resuming {run_dir} after epoch {point.epoch}", highlight=False, soft_wrap=True)
 
         def on_epoch(row: dict, state: dict) -> None:
             rows.append(row)
             write_metrics(run_dir / METRICS_FILE, rows)
-            save_checkpoint(run_dir / "checkpoint.pt", {
-                "model": method.student.state_dict(),
-                "method": {k: v for k, v in state.pop("method").items() if not k.startswith("student.")},
-                **state, "rng": {"torch": torch.get_rng_state(), "loader": plan.loader_rng.get_state()},
-            })
+            wall_s = earlier_wall_s + time.perf_counter() - started
+            save_checkpoint(run_dir / "checkpoint.pt", training_state(method.student.state_dict(), state,
+                                                                      plan.loader_rng, rows, wall_s))
 
         label = f"{cfg.method.name} {cfg.student.name}"
         with RunProgress(label) as progress:
-            fit(method, train_loader, test_loader, method.stages(cfg.epochs), cfg.optim, cfg.sched, cfg.optim.lr,
-                settings, progress, on_epoch)
+            fit(method, plan.train_loader, plan.test_loader, method.stages(cfg.epochs), cfg.optim, cfg.sched,
+                cfg.optim.lr, settings, progress, on_epoch, resume=point)
         record.update(summarise(rows, method))
         record["status"] = "completed"
+    except (Interrupted, KeyboardInterrupt, SystemExit) as exc:
+        record.update(status="interrupted", error=interruption_message(exc, rows))
+        if isinstance(exc, Interrupted):
+            raise Interrupted(record["error"]) from None
+        raise  # a launcher's own exit (submitit requeues on SystemExit) goes on as it was
+    except OutputError as exc:  # a full or read-only disk: once there is room, the run can resume
+        record.update(status="failed", error=f"{exc}; the run resumes from its last checkpoint once it can write",
+                      resumable=True)
+        raise
     except BaseException as exc:
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        record["wall_s"] = time.perf_counter() - started
+        record["wall_s"] = earlier_wall_s + time.perf_counter() - started
         write_result(run_dir / RESULT_FILE, record)
     return record
+
+
+def restore_run(run_dir: Path, method: Method, loader_rng):
+    try:
+        return restore_training(run_dir / "checkpoint.pt", method, loader_rng)
+    except DamagedCheckpoint as exc:
+        print_error("kdrun:", f"cannot resume from {run_dir / 'checkpoint.pt'}: {exc}; training this run from the start")
+        return None
+
+
+def interruption_message(exc: BaseException, rows: list[dict]) -> str:
+    cause = stop_requested() or ("Ctrl-C" if isinstance(exc, KeyboardInterrupt)
+                                 else "the launcher (preempted or timed out)" if isinstance(exc, SystemExit)
+                                 else "a signal")
+    after = f"after epoch {rows[-1]['epoch']}" if rows else "before its first epoch ended"
+    return f"stopped by {cause} {after}; run the same command again to resume it (resume=auto)"
 
 
 def summarise(rows: list[dict], method: Method) -> dict:
@@ -176,10 +216,20 @@ def summarise(rows: list[dict], method: Method) -> dict:
     return summary
 
 
-def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
-    """Prepare (may refuse), then execute in `run_dir` (default: a new directory under results/runs)."""
+def run(cfg: DictConfig, run_dir: Path | None = None, search: bool = False) -> dict:
+    """Prepare (may refuse), choose the run directory (a new one, or an incomplete twin to resume), then
+    execute there. `run_dir`: a directory given by a sweep; `search`: an incomplete twin elsewhere below
+    results_dir may be resumed instead (sweep jobs)."""
     plan = prepare(cfg)
-    target = Path(run_dir) if run_dir else (Path(cfg.run_dir) if cfg.get("run_dir") else default_run_dir(cfg))
-    record = execute(plan, target)
+    explicit = Path(run_dir) if run_dir else (Path(cfg.run_dir) if cfg.get("run_dir") else None)
+    target = choose_run_dir(cfg, config_hash(cfg), explicit, lambda: default_run_dir(cfg), search)
+    if target.completed is not None:
+        console.print(f"{target.path} already holds this configuration, completed; left alone", highlight=False,
+                      soft_wrap=True)
+        print_summary(target.completed)
+        return target.completed
+    check_output_space(cfg, plan, target.path)
+    with RunLock(target.path), stop_on_signals():
+        record = execute(plan, target.path, resume=target.resume)
     print_summary(record)
     return record

@@ -1,7 +1,8 @@
 """Live progress (rich bars with loss and accuracy) and the end-of-run summary table.
 
 On a terminal: one bar per stage that advances every step and shows the last epoch's figures.
-Elsewhere (logs, CI, sweeps): one plain line per epoch, so logs stay readable.
+Elsewhere (logs, CI, sweeps): one plain line per epoch, so logs stay readable. Progress and messages go to
+stderr; the summary table and the final results path go to stdout, so `kdrun ... > run.txt` keeps the result.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 console = Console(stderr=True)
+stdout = Console()
 
 
 def print_error(prefix: str, message: object) -> None:
@@ -40,14 +42,17 @@ class RunProgress:
             self._progress.stop()
         return False
 
-    def start_stage(self, stage: str, epochs: int, steps_per_epoch: int) -> None:
+    def start_stage(self, stage: str, epochs: int, steps_per_epoch: int, done: int = 0) -> None:
+        """`done`: epochs of this stage already trained (a resumed run)."""
         self._stage, self._epochs = stage, epochs
         name = self.label if stage == "main" else f"{self.label} [{stage}]"
         if self._progress is not None:
-            self._task = self._progress.add_task(escape(name), total=epochs * steps_per_epoch, stats="")
+            self._task = self._progress.add_task(escape(name), total=epochs * steps_per_epoch,
+                                                 completed=done * steps_per_epoch, stats="")
         else:  # a log gets a line now, not only when the first epoch ends
             plural = "epoch" if epochs == 1 else "epochs"
-            console.print(escape(f"{name}: {epochs} {plural} of {steps_per_epoch} steps"), highlight=False)
+            resumed = f", resumed after epoch {done}" if done else ""
+            console.print(escape(f"{name}: {epochs} {plural} of {steps_per_epoch} steps{resumed}"), highlight=False)
 
     def advance(self) -> None:
         if self._progress is not None:
@@ -73,9 +78,12 @@ def print_summary(result: dict) -> None:
     for name, acc in result.get("peer_acc", {}).items():
         table.add_row("peer", name, _pct(acc), "")
     table.add_row("student", result["student"], f"best {_pct(result.get('best_acc'))} / last {_pct(result.get('last_acc'))}",
-                  f"epoch {result.get('best_epoch')}")
-    console.print(table)
-    console.print(f"[dim]{result['status']} in {result['wall_s']:.1f} s; results in {escape(result['run_dir'])}[/dim]")
+                  f"best epoch {result.get('best_epoch')}")
+    stdout.print(table)
+    resumed = f", resumed {result['resumed']}x" if result.get("resumed") else ""
+    # soft_wrap: a long path stays on one line, so it can be copied
+    stdout.print(f"[dim]{result['status']} in {result['wall_s']:.1f} s{resumed}; results in {escape(result['run_dir'])}[/dim]",
+                 soft_wrap=True, highlight=False)
 
 
 def _pct(value) -> str:

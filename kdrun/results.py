@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import csv
 import io
+import errno
 import json
+import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 from kdrun.checkpoint import atomic_write_text
+from kdrun.errors import OutputError
 
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.csv"
@@ -25,7 +29,31 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
 
 
 def write_result(path: Path, record: dict) -> None:
-    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
+    """Write the record atomically, stamped with `updated_at`. On a full disk the new record is written over
+    the old file in place instead: a small file's disk block is already allocated, so the record that says
+    the disk is full still reaches the disk."""
+    stamped = {**record, "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    text = json.dumps(stamped, indent=2, sort_keys=False, default=str) + "\n"
+    try:
+        atomic_write_text(path, text)
+    except OutputError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not overwrite_in_place(Path(path), text.encode()):
+            raise
+
+
+def overwrite_in_place(path: Path, data: bytes) -> bool:
+    """Rewrite an existing file within the disk blocks it already holds; False when it does not fit."""
+    try:
+        if os.stat(path).st_blocks * 512 < len(data):
+            return False
+        with open(path, "r+b") as f:
+            f.write(data)
+            f.truncate(len(data))
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    except OSError:
+        return False
 
 
 def read_result(path: Path) -> dict | None:

@@ -20,17 +20,20 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from kdrun.checkpoint import atomic_write_text, load_checkpoint, load_weights, save_checkpoint, sha256_file
+from kdrun.checkpoint import (atomic_write_text, hash_path, load_verified, load_weights, save_checkpoint,
+                              sha256_file)
 from kdrun.data import make_loaders
-from kdrun.errors import ConfigError
+from kdrun.errors import ConfigError, DamagedFile, RunError
 from kdrun.methods.base import Method
 from kdrun.methods.ce import CE
 from kdrun.models import create_model
-from kdrun.progress import RunProgress
+from kdrun.progress import RunProgress, print_error
 from kdrun.results import read_result, write_metrics, write_result
-from kdrun.train import TrainSettings, evaluate, fit
+from kdrun.resume import DamagedCheckpoint, move_aside, restore_training, training_state
+from kdrun.train import NonFiniteLoss, TrainSettings, evaluate, fit
 
-CACHE_FORMAT = 1  # bump when a change to training makes cached teachers stale
+CACHE_FORMAT = 2  # bump when a change to training or to the entry's files makes cached teachers stale
+TRAIN_STATE = "train_state.pt"  # the resumable state of an entry still being trained
 TEACHER_CONTROL_KEYS = ("name", "checkpoint", "epochs", "lr", "seed", "snapshot_epoch", "keep_snapshots")
 DATASET_LOCATION_KEYS = ("root", "download", "workers")
 
@@ -122,38 +125,81 @@ def resolve_teacher(cfg, teacher: nn.Module, data, settings: TrainSettings) -> R
 
 def resolve_cached(cfg, cache: Path, identity: dict, label: str, new_learner, target: nn.Module, data,
                    settings: TrainSettings, snapshot_epoch: int | None = None) -> ResolvedTeacher:
-    """Load `target` from the cache entry, training it there first (with `new_learner()`) when absent."""
+    """Load `target` from the cache entry, training it there first (with `new_learner()`) when absent,
+    half-written or damaged. The weights' bytes are checked against their recorded sha256 and their test
+    accuracy is measured again: a damaged entry is moved aside (kept as `<entry>.corrupt-<time>`)."""
     with locked(cache):
         record = read_result(cache / "result.json")
         source = "cache"
-        if not (record and record.get("status") == "completed" and (cache / "checkpoint.pt").is_file()):
+        loaded = None
+        if record and record.get("status") == "completed":
+            path = weights_path(cache, record, snapshot_epoch)
+            try:
+                loaded = load_verified(path)
+            except DamagedFile as exc:
+                moved = move_aside(cache)
+                print_error("kdrun:", f"{label}: cache entry {cache} is damaged ({exc.reason}); moved it to "
+                                      f"{moved.name}, training it again")
+        elif cache.exists():
+            print_error("kdrun:", f"{label}: cache entry {cache} is incomplete (its training was stopped); "
+                                  "training it (from its last epoch when that was saved)")
+        if loaded is None:
             record = train_into_cache(cfg, cache, identity, label, new_learner(), data, settings)
             source = "trained"
-    path = cache / "checkpoint.pt"
-    accuracy = record["test_acc"]
-    if snapshot_epoch is not None:
-        path = snapshot_path(cache, snapshot_epoch)
-        if not path.is_file():
-            raise ConfigError(f"teacher.snapshot_epoch={snapshot_epoch}: this teacher was trained with "
-                              f"teacher.keep_snapshots=false, so {path} does not exist; delete {cache} to "
-                              "train it again with its snapshots")
-        accuracy = record["epoch_acc"][snapshot_epoch - 1]
-    load_weights(target, load_checkpoint(path, "teacher cache"), "teacher cache", path)
-    return ResolvedTeacher(accuracy, source, sha256_file(path), path)
+            path = weights_path(cache, record, snapshot_epoch)
+            loaded = load_verified(path)
+        state, digest = loaded
+        load_weights(target, state, "teacher cache", path)
+        accuracy = check_accuracy(cfg, cache, label, target, record, snapshot_epoch, data, settings)
+    return ResolvedTeacher(accuracy, source, digest, path)
+
+
+def weights_path(cache: Path, record: dict, snapshot_epoch: int | None) -> Path:
+    if snapshot_epoch is None:
+        return cache / "checkpoint.pt"
+    path = snapshot_path(cache, snapshot_epoch)
+    if not path.is_file() and record.get("keep_snapshots") is False:
+        raise ConfigError(f"teacher.snapshot_epoch={snapshot_epoch}: this teacher was trained with "
+                          f"teacher.keep_snapshots=false, so {path} does not exist; delete {cache} to "
+                          "train it again with its snapshots")
+    return path
+
+
+def check_accuracy(cfg, cache: Path, label: str, model: nn.Module, record: dict, snapshot_epoch: int | None,
+                   data, settings: TrainSettings) -> float:
+    """The loaded weights' test accuracy, measured now; it must equal the cache record's (weights that load
+    but are not the trained ones would otherwise teach silently)."""
+    _, test_loader = make_loaders(data, cfg.batch_size, settings.device, cfg.teacher.seed, cfg.eval_batch_size)
+    _, measured = evaluate(model, test_loader, settings)
+    recorded = record["test_acc"] if snapshot_epoch is None else record["epoch_acc"][snapshot_epoch - 1]
+    samples = test_loader.num_samples
+    # Float noise across devices can flip a sample or two; a damaged model is off by far more.
+    tolerance = 100.0 * max(1, 0.002 * samples) / samples
+    if abs(measured - recorded) > tolerance:
+        moved = move_aside(cache)
+        raise RunError(f"{label}: the cached weights measure {measured:.2f}% test accuracy, but cache record "
+                       f"{cache / 'result.json'} says {recorded:.2f}%: the entry is damaged; moved it to "
+                       f"{moved.name}, run again to train it anew")
+    return measured
 
 
 def train_into_cache(cfg, cache: Path, identity: dict, label: str, learner: Method, data,
                      settings: TrainSettings) -> dict:
-    """Train `learner.student` with the shared loop and store it, with a snapshot per epoch, in `cache`."""
+    """Train `learner.student` with the shared loop and store it, with a snapshot per epoch, in `cache`.
+    Each epoch also saves the resumable training state, so an entry whose training was killed continues
+    from its last epoch (unless resume=never) and ends with the weights an uninterrupted training gives."""
     started = time.perf_counter()
     learner.prepare(data.image_shape)
     train_loader, test_loader = make_loaders(data, cfg.batch_size, settings.device, cfg.teacher.seed,
                                              cfg.eval_batch_size)
+    loader_rng = train_loader.generator
     train_loader = learner.wrap_train_loader(train_loader)  # e.g. CRD's memory bank, for an assistant
     cache.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cache / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(identity)))
     keep_snapshots = cfg.teacher.get("keep_snapshots", True)
-    rows: list[dict] = []
+    restored = resume_entry(cfg, cache, label, learner, loader_rng)
+    rows: list[dict] = list(restored.rows) if restored else []
+    earlier_wall_s = restored.wall_s if restored else 0.0
 
     def on_epoch(row, state):
         rows.append(row)
@@ -161,15 +207,40 @@ def train_into_cache(cfg, cache: Path, identity: dict, label: str, learner: Meth
         if keep_snapshots:
             save_checkpoint(snapshot_path(cache, row["epoch"]), {"model": learner.student.state_dict(),
                                                                  "epoch": row["epoch"]})
+        wall_s = earlier_wall_s + time.perf_counter() - started
+        save_checkpoint(cache / TRAIN_STATE, training_state(learner.student.state_dict(), state, loader_rng, rows,
+                                                            wall_s))
 
-    with RunProgress(label) as progress:
-        fit(learner, train_loader, test_loader, learner.stages(cfg.teacher.epochs), cfg.optim, cfg.sched,
-            cfg.teacher.lr, settings, progress, on_epoch)
+    try:
+        with RunProgress(label) as progress:
+            fit(learner, train_loader, test_loader, learner.stages(cfg.teacher.epochs), cfg.optim, cfg.sched,
+                cfg.teacher.lr, settings, progress, on_epoch, resume=restored.point if restored else None)
+    except NonFiniteLoss as exc:
+        raise NonFiniteLoss(f"while training {label} for the cache: {exc}; the teacher trains at teacher.lr, "
+                            f"which follows optim.lr ({cfg.optim.lr}) unless set, e.g. teacher.lr=0.01") from None
     save_checkpoint(cache / "checkpoint.pt", {"model": learner.student.state_dict(), "epoch": rows[-1]["epoch"],
                                               "identity": identity})
     record = {"model": getattr(learner.student, "model_name", ""), "dataset": cfg.dataset.name,
               "status": "completed", "test_acc": rows[-1]["test_acc"], "best_acc": max(r["test_acc"] for r in rows),
               "epoch_acc": [r["test_acc"] for r in rows], "epochs": rows[-1]["epoch"],
-              "wall_s": time.perf_counter() - started}
+              "keep_snapshots": bool(keep_snapshots), "device": str(settings.device),
+              "wall_s": earlier_wall_s + time.perf_counter() - started}
     write_result(cache / "result.json", record)
+    for leftover in (cache / TRAIN_STATE, hash_path(cache / TRAIN_STATE)):
+        leftover.unlink(missing_ok=True)
     return record
+
+
+def resume_entry(cfg, cache: Path, label: str, learner: Method, loader_rng):
+    """The training state an interrupted training of this entry saved, loaded into `learner`, or None."""
+    if str(cfg.get("resume", "auto")) == "never":
+        return None
+    try:
+        restored = restore_training(cache / TRAIN_STATE, learner, loader_rng)
+    except DamagedCheckpoint as exc:
+        print_error("kdrun:", f"{label}: cannot resume its training from {cache / TRAIN_STATE} ({exc}); "
+                              "training it from the start")
+        return None
+    if restored is not None:
+        print_error("kdrun:", f"{label}: resuming its training after epoch {restored.point.epoch}")
+    return restored

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from kdrun.interrupt import check_stop
 from kdrun.methods.base import Method, Stage
 from kdrun.schedule import build_optimizer, build_scheduler
 
@@ -20,6 +21,25 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteLoss(RuntimeError):
     """A loss term became NaN or infinite; the message names the term and the step."""
+
+
+@dataclass
+class ResumePoint:
+    """Where a checkpointed `fit` continues: after `epoch` (counted over all stages), which was epoch
+    `stage_epoch` of stage number `stage_index`, with that stage's optimizer, scheduler and scaler."""
+
+    stage_index: int
+    stage_epoch: int
+    epoch: int
+    step: int
+    optimizer: dict
+    scheduler: dict
+    scaler: dict
+
+    @classmethod
+    def from_state(cls, state: dict) -> "ResumePoint":
+        return cls(*(state[key] for key in ("stage_index", "stage_epoch", "epoch", "step", "optimizer",
+                                            "scheduler", "scaler")))
 
 
 @dataclass
@@ -112,6 +132,7 @@ def train_epoch(method: Method, loader, optimizer, scheduler, settings: TrainSet
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        check_stop()  # a SIGTERM/SIGINT ends the run here, between two steps
         batch = labels.shape[0]
         term_sums += values.detach() * batch
         total_sum += total.detach().float() * batch
@@ -128,19 +149,34 @@ def train_epoch(method: Method, loader, optimizer, scheduler, settings: TrainSet
 
 
 def fit(method: Method, train_loader, test_loader, stages: list[Stage], optim_cfg, sched_cfg, lr: float,
-        settings: TrainSettings, progress, on_epoch: Callable[[dict, dict], None] | None = None) -> list[dict]:
+        settings: TrainSettings, progress, on_epoch: Callable[[dict, dict], None] | None = None,
+        resume: ResumePoint | None = None) -> list[dict]:
     """Train through every stage; after each epoch evaluate every model the method reports and call
-    `on_epoch(row, state)` with the metrics row and the state to checkpoint. Returns all rows."""
+    `on_epoch(row, state)` with the metrics row and the state to checkpoint. With `resume`, the method's
+    weights are already restored: stages and epochs before the resume point are replayed through the
+    method's hooks only (they hold per-epoch state such as warm-up factors), then training continues with
+    the restored optimizer, scheduler and scaler. Returns the rows of the epochs trained here."""
     rows: list[dict] = []
     epoch = step = 0
     scaler = torch.amp.GradScaler(settings.device.type, enabled=settings.precision == "fp16")
-    for stage in stages:
+    for index, stage in enumerate(stages):
+        if resume is not None and index < resume.stage_index:
+            epoch = replay_epochs(method, stage, epoch, stage.epochs)
+            continue
         method.begin_stage(stage)
         optimizer = build_optimizer(method.trainable_parameters(stage), optim_cfg, stage.lr or lr)
         stage_sched = CONSTANT_SCHEDULE if stage.constant_lr else sched_cfg
         scheduler = build_scheduler(optimizer, stage_sched, stage.epochs, len(train_loader))
-        progress.start_stage(stage.name, stage.epochs, len(train_loader))
-        for _ in range(stage.epochs):
+        done = 0
+        if resume is not None:  # the stage the checkpoint was taken in
+            epoch = replay_epochs(method, stage, epoch, resume.stage_epoch, begin=False)
+            done, step = resume.stage_epoch, resume.step
+            optimizer.load_state_dict(resume.optimizer)
+            scheduler.load_state_dict(resume.scheduler)
+            scaler.load_state_dict(resume.scaler)
+            resume = None
+        progress.start_stage(stage.name, stage.epochs, len(train_loader), done)
+        for stage_epoch in range(done + 1, stage.epochs + 1):
             epoch += 1
             method.begin_epoch(epoch)
             lr_now = optimizer.param_groups[0]["lr"]
@@ -161,5 +197,17 @@ def fit(method: Method, train_loader, test_loader, stages: list[Stage], optim_cf
             progress.end_epoch(row)
             if on_epoch:
                 on_epoch(row, {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "epoch": epoch, "stage": stage.name})
+                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                               "epoch": epoch, "stage": stage.name, "stage_index": index,
+                               "stage_epoch": stage_epoch, "step": step})
     return rows
+
+
+def replay_epochs(method: Method, stage: Stage, epoch: int, epochs: int, begin: bool = True) -> int:
+    """Call the method's stage and epoch hooks for epochs already trained; returns the epoch counter."""
+    if begin:
+        method.begin_stage(stage)
+    for _ in range(epochs):
+        epoch += 1
+        method.begin_epoch(epoch)
+    return epoch

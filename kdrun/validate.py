@@ -47,6 +47,9 @@ def check_config(cfg: DictConfig, needs_teacher: bool) -> None:
         teacher_lr = _number(cfg, "teacher.lr")
         _require(teacher_lr is not None and teacher_lr > 0, "teacher.lr", teacher_lr, "must be > 0")
     _require(cfg.precision in PRECISIONS, "precision", cfg.precision, f"one of {', '.join(PRECISIONS)}")
+    from kdrun.resume import resume_mode  # resume imports the training loop: import on use
+
+    resume_mode(cfg)  # auto, never or a run directory
 
 
 def resolve_device(name: str, precision: str = "fp32") -> torch.device:
@@ -68,3 +71,12 @@ def resolve_device(name: str, precision: str = "fp32") -> torch.device:
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision=fp16 is not allowed on the CPU: use bf16 or fp32 (fp16 needs a CUDA GPU)")
     return device
+
+
+def check_data_fits(cfg: DictConfig, data) -> None:
+    """A batch larger than the training split would train on one short batch per epoch (or none, with
+    drop_last): refuse it, naming the split's size."""
+    n_train = len(data.train_labels) if hasattr(data, "train_labels") else len(data.train)  # in memory / folder
+    if cfg.batch_size > n_train:
+        raise ConfigError(f"batch_size={cfg.batch_size} is not allowed: the training split of {cfg.dataset.name} "
+                          f"has only {n_train} images (use batch_size <= {n_train})")

@@ -41,13 +41,14 @@ def _load_cifar(cfg, cls_name: str, title: str, expected_files: str, mean, std) 
                      mean=mean, std=std, crop_padding=4, hflip=True)
 
 
-@register_dataset("cifar10", "CIFAR-10, 32x32 colour, 10 classes (torchvision layout; download=true fetches it)")
+@register_dataset("cifar10", "CIFAR-10, 32x32 colour, 10 classes (torchvision layout; download=true fetches it)",
+                  shape=(3, 32, 32), classes=10)
 def load_cifar10(cfg) -> ImageData:
     return _load_cifar(cfg, "CIFAR10", "CIFAR-10", "data_batch_1..5, test_batch, batches.meta",
                        CIFAR10_MEAN, CIFAR10_STD)
 
 
 @register_dataset("cifar100", "CIFAR-100, 32x32 colour, 100 fine classes "
-                             "(torchvision layout; download=true fetches it)")
+                             "(torchvision layout; download=true fetches it)", shape=(3, 32, 32), classes=100)
 def load_cifar100(cfg) -> ImageData:
     return _load_cifar(cfg, "CIFAR100", "CIFAR-100", "train, test, meta", CIFAR100_MEAN, CIFAR100_STD)

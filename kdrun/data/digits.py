@@ -9,7 +9,8 @@ TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # the split is part of the dataset, not of the experiment: fixed across seeds
 
 
-@register_dataset("digits", "UCI optical digits, 8x8 grey, 10 classes (scikit-learn's bundled set; offline)")
+@register_dataset("digits", "UCI optical digits, 8x8 grey, 10 classes (scikit-learn's bundled set; offline)",
+                  shape=(1, 8, 8), classes=10)
 def load_digits(cfg) -> ImageData:
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split

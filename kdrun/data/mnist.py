@@ -87,12 +87,12 @@ def _load_idx(cfg, cls_name: str, title: str, mean: float, std: float, debian: b
 
 
 @register_dataset("mnist", "MNIST handwritten digits, 28x28 grey, 10 classes "
-                          "(torchvision layout; download=true fetches it)")
+                          "(torchvision layout; download=true fetches it)", shape=(1, 28, 28), classes=10)
 def load_mnist(cfg) -> ImageData:
     return _load_idx(cfg, "MNIST", "MNIST", mean=0.1307, std=0.3081)
 
 
 @register_dataset("fashion_mnist", "Fashion-MNIST, 28x28 grey, 10 classes (torchvision layout or the Debian "
-                                   "package dataset-fashion-mnist)")
+                                   "package dataset-fashion-mnist)", shape=(1, 28, 28), classes=10)
 def load_fashion_mnist(cfg) -> ImageData:
     return _load_idx(cfg, "FashionMNIST", "Fashion-MNIST", mean=0.2860, std=0.3530, debian=True)

@@ -12,13 +12,19 @@ from kdrun.errors import ConfigError
 from kdrun.registry import Registry
 
 DATASETS: Registry = Registry("dataset")
+# (C, H, W) and number of classes of each dataset, known without loading it (`kdrun ls layers` uses them).
+INPUT_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {}
 
 
-def register_dataset(name: str, description: str | None = None):
+def register_dataset(name: str, description: str | None = None, shape: tuple[int, int, int] | None = None,
+                     classes: int | None = None):
     """Register `load(cfg) -> ImageData | FolderData` under `name`; `cfg` is the `dataset` config node.
 
     A loader checks its files first and raises ConfigError naming `dataset.root` when they are missing.
+    `shape` and `classes` describe its images when they are fixed (an image folder's are the user's).
     """
+    if shape is not None:
+        INPUT_SHAPES[name] = (tuple(shape), classes)
     return DATASETS.register(name, description)
 
 
