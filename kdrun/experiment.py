@@ -155,19 +155,23 @@ def execute(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
                 point, rows, earlier_wall_s = restored.point, list(restored.rows), restored.wall_s
                 write_metrics(run_dir / METRICS_FILE, rows)  # drop a row written after the checkpoint
                 record["resumed_after_epoch"] = point.epoch
-                console.print(f"resuming {run_dir} after epoch {point.epoch}", highlight=False, soft_wrap=True)
+                console.print(f"resuming {run_dir} {describe_point(point)}", highlight=False, soft_wrap=True)
 
-        def on_epoch(row: dict, state: dict) -> None:
-            rows.append(row)
-            write_metrics(run_dir / METRICS_FILE, rows)
+        def save_state(state: dict) -> None:
             wall_s = earlier_wall_s + time.perf_counter() - started
             save_checkpoint(run_dir / "checkpoint.pt", training_state(method.student.state_dict(), state,
                                                                       plan.loader_rng, rows, wall_s))
 
+        def on_epoch(row: dict, state: dict) -> None:
+            rows.append(row)
+            write_metrics(run_dir / METRICS_FILE, rows)
+            save_state(state)
+
         label = f"{cfg.method.name} {cfg.student.name}"
         with RunProgress(label) as progress:
             fit(method, plan.train_loader, plan.test_loader, method.stages(cfg.epochs), cfg.optim, cfg.sched,
-                cfg.optim.lr, settings, progress, on_epoch, resume=point)
+                cfg.optim.lr, settings, progress, on_epoch, resume=point, loader_rng=plan.loader_rng,
+                on_stop=save_state)
         record.update(summarise(rows, method))
         record["status"] = "completed"
     except (Interrupted, KeyboardInterrupt, SystemExit) as exc:
@@ -196,12 +200,21 @@ def restore_run(run_dir: Path, method: Method, loader_rng):
         return None
 
 
+def describe_point(point) -> str:
+    if point.partial is not None:
+        return f"in epoch {point.epoch + 1}, after step {point.partial['sums']['batches']} of it"
+    return f"after epoch {point.epoch}"
+
+
 def interruption_message(exc: BaseException, rows: list[dict]) -> str:
     cause = stop_requested() or ("Ctrl-C" if isinstance(exc, KeyboardInterrupt)
                                  else "the launcher (preempted or timed out)" if isinstance(exc, SystemExit)
                                  else "a signal")
-    after = f"after epoch {rows[-1]['epoch']}" if rows else "before its first epoch ended"
-    return f"stopped by {cause} {after}; run the same command again to resume it (resume=auto)"
+    if isinstance(exc, Interrupted):  # stopped between two steps, with a checkpoint of that point
+        where = f"in epoch {rows[-1]['epoch'] + 1 if rows else 1}"
+    else:
+        where = f"after epoch {rows[-1]['epoch']}" if rows else "before its first epoch ended"
+    return f"stopped by {cause} {where}; run the same command again to resume it (resume=auto)"
 
 
 def summarise(rows: list[dict], method: Method) -> dict:

@@ -22,7 +22,7 @@ import torch
 from kdrun.checkpoint import load_verified
 from kdrun.errors import ConfigError, DamagedFile
 from kdrun.results import RESULT_FILE, read_result
-from kdrun.train import ResumePoint
+from kdrun.epoch_state import ResumePoint
 
 RESUME_MODES = ("auto", "never")
 INCOMPLETE = ("running", "interrupted")

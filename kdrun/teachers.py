@@ -201,20 +201,24 @@ def train_into_cache(cfg, cache: Path, identity: dict, label: str, learner: Meth
     rows: list[dict] = list(restored.rows) if restored else []
     earlier_wall_s = restored.wall_s if restored else 0.0
 
+    def save_state(state):
+        wall_s = earlier_wall_s + time.perf_counter() - started
+        save_checkpoint(cache / TRAIN_STATE, training_state(learner.student.state_dict(), state, loader_rng, rows,
+                                                            wall_s))
+
     def on_epoch(row, state):
         rows.append(row)
         write_metrics(cache / "metrics.csv", rows)
         if keep_snapshots:
             save_checkpoint(snapshot_path(cache, row["epoch"]), {"model": learner.student.state_dict(),
                                                                  "epoch": row["epoch"]})
-        wall_s = earlier_wall_s + time.perf_counter() - started
-        save_checkpoint(cache / TRAIN_STATE, training_state(learner.student.state_dict(), state, loader_rng, rows,
-                                                            wall_s))
+        save_state(state)
 
     try:
         with RunProgress(label) as progress:
             fit(learner, train_loader, test_loader, learner.stages(cfg.teacher.epochs), cfg.optim, cfg.sched,
-                cfg.teacher.lr, settings, progress, on_epoch, resume=restored.point if restored else None)
+                cfg.teacher.lr, settings, progress, on_epoch, resume=restored.point if restored else None,
+                loader_rng=loader_rng, on_stop=save_state)
     except NonFiniteLoss as exc:
         raise NonFiniteLoss(f"while training {label} for the cache: {exc}; the teacher trains at teacher.lr, "
                             f"which follows optim.lr ({cfg.optim.lr}) unless set, e.g. teacher.lr=0.01") from None
@@ -242,5 +246,7 @@ def resume_entry(cfg, cache: Path, label: str, learner: Method, loader_rng):
                               "training it from the start")
         return None
     if restored is not None:
-        print_error("kdrun:", f"{label}: resuming its training after epoch {restored.point.epoch}")
+        where = (f"in epoch {restored.point.epoch + 1}" if restored.point.partial is not None
+                 else f"after epoch {restored.point.epoch}")
+        print_error("kdrun:", f"{label}: resuming its training {where}")
     return restored

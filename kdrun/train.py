@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from kdrun.interrupt import check_stop
+from kdrun.epoch_state import EpochInterrupted, EpochSums, ResumePoint
+from kdrun.interrupt import Interrupted, check_stop
 from kdrun.methods.base import Method, Stage
 from kdrun.schedule import build_optimizer, build_scheduler
 
@@ -21,25 +22,6 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteLoss(RuntimeError):
     """A loss term became NaN or infinite; the message names the term and the step."""
-
-
-@dataclass
-class ResumePoint:
-    """Where a checkpointed `fit` continues: after `epoch` (counted over all stages), which was epoch
-    `stage_epoch` of stage number `stage_index`, with that stage's optimizer, scheduler and scaler."""
-
-    stage_index: int
-    stage_epoch: int
-    epoch: int
-    step: int
-    optimizer: dict
-    scheduler: dict
-    scaler: dict
-
-    @classmethod
-    def from_state(cls, state: dict) -> "ResumePoint":
-        return cls(*(state[key] for key in ("stage_index", "stage_epoch", "epoch", "step", "optimizer",
-                                            "scheduler", "scaler")))
 
 
 @dataclass
@@ -103,59 +85,77 @@ class FiniteGuard:
 
 
 def train_epoch(method: Method, loader, optimizer, scheduler, settings: TrainSettings, scaler,
-                epoch: int, first_step: int, on_step: Callable[[], None] | None = None) -> dict:
-    """One pass over the loader; returns the epoch's mean loss terms, total loss and accuracy."""
+                epoch: int, first_step: int, on_step: Callable[[], None] | None = None,
+                sums: EpochSums | None = None) -> dict:
+    """One pass over the loader; returns the epoch's mean loss terms, total loss and accuracy.
+
+    `sums`: the epoch was stopped midway before; its first `sums.batches` batches are drawn again (so the
+    loader's generator advances as it did) but not trained on, and the sums go on from where they were.
+    A SIGTERM/SIGINT stops the epoch after the current step with EpochInterrupted, carrying the sums."""
     weights = {k: w for k, w in method.weights().items()}
     method.train()
-    names: list[str] | None = None
+    sums = sums or EpochSums()
     guard = None
-    term_sums = total_sum = correct = None
-    seen = 0
+    skip = sums.batches
+    if sums.names is not None:
+        guard = FiniteGuard(sums.names, settings.check_every, method.stage, epoch, first_step)
+        guard.checked = sums.batches
     for images, labels, index in loader:
+        if skip:
+            skip -= 1
+            continue
         with autocast(settings):
             out = method(images, labels, index)
-        if names is None:
+        if sums.names is None:
             names = list(out.terms)
             unweighted = [n for n in names if n not in weights]
             if unweighted:
                 raise RuntimeError(f"method {type(method).__name__} returned loss term '{unweighted[0]}' "
                                    f"without a weight (weights: {', '.join(weights)})")
             guard = FiniteGuard(names, settings.check_every, method.stage, epoch, first_step)
-            term_sums = torch.zeros(len(names), device=settings.device)
-            total_sum = torch.zeros((), device=settings.device)
-            correct = torch.zeros((), device=settings.device, dtype=torch.long)
-        values = torch.stack([out.terms[n].float() for n in names])
-        total = sum(weights[n] * out.terms[n] for n in names)
+            sums.start(names, settings.device)
+        values = torch.stack([out.terms[n].float() for n in sums.names])
+        total = sum(weights[n] * out.terms[n] for n in sums.names)
         guard.add(values)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        check_stop()  # a SIGTERM/SIGINT ends the run here, between two steps
         batch = labels.shape[0]
-        term_sums += values.detach() * batch
-        total_sum += total.detach().float() * batch
-        correct += (out.logits.argmax(1) == labels).sum()
-        seen += batch
+        sums.term_sums += values.detach() * batch
+        sums.total_sum += total.detach().float() * batch
+        sums.correct += (out.logits.argmax(1) == labels).sum()
+        sums.seen += batch
+        sums.batches += 1
         if on_step:
             on_step()
+        try:
+            check_stop()  # a SIGTERM/SIGINT ends the run here, between two steps
+        except Interrupted as exc:
+            guard.check()  # a non-finite term is the failure to report, not the signal
+            raise EpochInterrupted(str(exc), sums) from None
     guard.check()
-    stats = {f"loss_{n}": v / seen for n, v in zip(names, term_sums.tolist())}
-    stats["train_loss"] = total_sum.item() / seen
-    stats["train_acc"] = 100.0 * correct.item() / seen
+    seen = sums.seen
+    stats = {f"loss_{n}": v / seen for n, v in zip(sums.names, sums.term_sums.tolist())}
+    stats["train_loss"] = sums.total_sum.item() / seen
+    stats["train_acc"] = 100.0 * sums.correct.item() / seen
     stats["steps"] = guard.checked
     return stats
 
 
 def fit(method: Method, train_loader, test_loader, stages: list[Stage], optim_cfg, sched_cfg, lr: float,
         settings: TrainSettings, progress, on_epoch: Callable[[dict, dict], None] | None = None,
-        resume: ResumePoint | None = None) -> list[dict]:
+        resume: ResumePoint | None = None, loader_rng: torch.Generator | None = None,
+        on_stop: Callable[[dict], None] | None = None) -> list[dict]:
     """Train through every stage; after each epoch evaluate every model the method reports and call
-    `on_epoch(row, state)` with the metrics row and the state to checkpoint. With `resume`, the method's
-    weights are already restored: stages and epochs before the resume point are replayed through the
-    method's hooks only (they hold per-epoch state such as warm-up factors), then training continues with
-    the restored optimizer, scheduler and scaler. Returns the rows of the epochs trained here."""
+    `on_epoch(row, state)` with the metrics row and the state to checkpoint. Returns the rows trained here.
+
+    With `resume`, the method's weights are already restored: stages and epochs before the resume point are
+    replayed through the method's hooks only (they hold per-epoch state such as warm-up factors), then
+    training continues with the restored optimizer, scheduler and scaler, from the middle of an epoch when
+    the resume point has one. When a signal stops an epoch midway, `on_stop(state)` gets the state to
+    checkpoint that point (it needs `loader_rng`, the training loader's generator)."""
     rows: list[dict] = []
     epoch = step = 0
     scaler = torch.amp.GradScaler(settings.device.type, enabled=settings.precision == "fp16")
@@ -167,22 +167,41 @@ def fit(method: Method, train_loader, test_loader, stages: list[Stage], optim_cf
         optimizer = build_optimizer(method.trainable_parameters(stage), optim_cfg, stage.lr or lr)
         stage_sched = CONSTANT_SCHEDULE if stage.constant_lr else sched_cfg
         scheduler = build_scheduler(optimizer, stage_sched, stage.epochs, len(train_loader))
-        done = 0
+        done, sums, partial_lr = 0, None, None
         if resume is not None:  # the stage the checkpoint was taken in
             epoch = replay_epochs(method, stage, epoch, resume.stage_epoch, begin=False)
             done, step = resume.stage_epoch, resume.step
             optimizer.load_state_dict(resume.optimizer)
             scheduler.load_state_dict(resume.scheduler)
             scaler.load_state_dict(resume.scaler)
+            if resume.partial is not None and loader_rng is not None:  # the next epoch was stopped midway
+                loader_rng.set_state(resume.partial["loader_rng"])
+                sums = EpochSums.from_state(resume.partial["sums"], settings.device)
+                partial_lr = resume.partial["lr"]
             resume = None
         progress.start_stage(stage.name, stage.epochs, len(train_loader), done)
+
+        def state(epochs_done: int, stage_epochs_done: int, **extra) -> dict:
+            return {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epochs_done,
+                    "stage": stage.name, "stage_index": index, "stage_epoch": stage_epochs_done, "step": step,
+                    **extra}
+
         for stage_epoch in range(done + 1, stage.epochs + 1):
             epoch += 1
             method.begin_epoch(epoch)
-            lr_now = optimizer.param_groups[0]["lr"]
+            lr_now = optimizer.param_groups[0]["lr"] if partial_lr is None else partial_lr
+            epoch_start_rng = loader_rng.get_state() if loader_rng is not None else None
             started = time.perf_counter()
-            stats = train_epoch(method, train_loader, optimizer, scheduler, settings, scaler, epoch, step,
-                                progress.advance)
+            try:
+                stats = train_epoch(method, train_loader, optimizer, scheduler, settings, scaler, epoch, step,
+                                    progress.advance, sums)
+            except EpochInterrupted as exc:
+                if on_stop is not None and loader_rng is not None:
+                    on_stop(state(epoch - 1, stage_epoch - 1, partial={
+                        "sums": exc.sums.state(), "loader_rng": epoch_start_rng, "lr": lr_now}))
+                raise
+            sums = partial_lr = None
             train_seconds = time.perf_counter() - started
             step += stats.pop("steps")
             row = {"stage": stage.name, "epoch": epoch, "lr": lr_now, **stats}
@@ -196,10 +215,7 @@ def fit(method: Method, train_loader, test_loader, stages: list[Stage], optim_cf
             rows.append(row)
             progress.end_epoch(row)
             if on_epoch:
-                on_epoch(row, {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                               "epoch": epoch, "stage": stage.name, "stage_index": index,
-                               "stage_epoch": stage_epoch, "step": step})
+                on_epoch(row, state(epoch, stage_epoch))
     return rows
 
 

@@ -114,29 +114,39 @@ def main() -> int:
     print(f"uninterrupted sweep: {len(reference)} runs in {duration:.0f} s", flush=True)
 
     kills = {"SIGKILL": 0, "SIGTERM": 0}
-    starts = 0
-    while True:
-        process = start_sweep(work / "chaos", opts.launcher)
-        starts += 1
-        if sum(kills.values()) < opts.kills:
-            try:
-                process.wait(timeout=rng.uniform(0.1, 1.0) * duration)
-            except subprocess.TimeoutExpired:
-                kill_at_random(process, rng, kills, work / "chaos")
-                continue
-        if process.wait() == 0:
-            break
-        if starts > 3 * opts.kills + 10:
+    starts = identical = expected = leftovers = 0
+    rounds = 0
+    while sum(kills.values()) < opts.kills:  # a sweep that completes before the next kill: start a new round
+        rounds += 1
+        results = work / f"chaos_{rounds}"
+        outcome = run_until_complete(results, opts, rng, kills, duration)
+        if outcome is None:
             print("the sweep does not complete", file=sys.stderr)
             return 1
+        starts += outcome
+        chaos = completed_runs(results)
+        identical += sum(same_run(chaos[h], reference[h]) for h in reference if h in chaos)
+        expected += len(reference)
+        leftovers += len(list(results.rglob("*.tmp")))
+    print(f"kills survived: {sum(kills.values())} ({kills['SIGKILL']} SIGKILL, {kills['SIGTERM']} SIGTERM) in "
+          f"{rounds} sweeps, {starts} starts; results identical to the uninterrupted sweep: {identical} of "
+          f"{expected}; temp files left: {leftovers}")
+    return 0 if identical == expected and not leftovers else 1
 
-    chaos = completed_runs(work / "chaos")
-    identical = sum(same_run(chaos[h], reference[h]) for h in reference if h in chaos)
-    leftovers = list((work / "chaos").rglob("*.tmp"))
-    print(f"kills survived: {sum(kills.values())} ({kills['SIGKILL']} SIGKILL, {kills['SIGTERM']} SIGTERM), "
-          f"{starts} starts; results identical to the uninterrupted sweep: {identical} of {len(reference)}; "
-          f"temp files left: {len(leftovers)}")
-    return 0 if identical == len(reference) == len(chaos) and not leftovers else 1
+
+def run_until_complete(results: Path, opts, rng: random.Random, kills: dict, duration: float) -> int | None:
+    """Start the sweep, kill it at a random moment while kills remain, restart; returns the number of starts."""
+    for starts in range(1, 3 * opts.kills + 10):
+        process = start_sweep(results, opts.launcher)
+        if sum(kills.values()) < opts.kills:
+            try:
+                process.wait(timeout=rng.uniform(0.15, 0.6) * duration)
+            except subprocess.TimeoutExpired:
+                kill_at_random(process, rng, kills, results)
+                continue
+        if process.wait() == 0:
+            return starts
+    return None
 
 
 if __name__ == "__main__":

@@ -69,10 +69,13 @@ def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path, c
 
 
 @pytest.mark.slow
-def test_sigterm_ends_the_run_as_interrupted_and_it_resumes(tmp_path):
+@pytest.mark.parametrize("step", [18, 30], ids=["teacher_mid_epoch", "student_mid_epoch"])
+def test_sigterm_ends_the_run_as_interrupted_and_it_resumes_mid_epoch(tmp_path, step):
+    """SIGTERM stops after the current step and checkpoints that point: the resumed run finishes the epoch
+    from the next batch, with the sums of the batches before it, and ends as an uninterrupted run."""
     assert run_cli(f"results_dir={tmp_path / 'reference'}", *BASE) == 0
     (reference,) = run_records(tmp_path / "reference")
-    stopped = kill_run("sigterm=30", tmp_path / "run", *BASE)
+    stopped = kill_run(f"sigterm={step}", tmp_path / "run", *BASE)
     assert stopped.returncode == 143
     last_line = stopped.stderr.strip().splitlines()[-1]
     assert "interrupted" in last_line and "Traceback" not in stopped.stderr
