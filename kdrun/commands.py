@@ -49,8 +49,13 @@ def ls_command(args: list[str]) -> int:
     table = Table(title=f"kdrun {opts.what}")
     table.add_column("name", style="bold")
     table.add_column("description")
+    if opts.what == "methods":
+        table.add_column("follows (official code; deliberate differences)")
     for entry in registry.names():
-        table.add_row(entry, registry.describe(entry))
+        cells = [entry, registry.describe(entry)]
+        if opts.what == "methods":
+            cells.append(registry.get(entry).official_code or "-")
+        table.add_row(*cells)
     out.print(table)
     return 0
 

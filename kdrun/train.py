@@ -92,7 +92,7 @@ def train_epoch(method: Method, loader, optimizer, scheduler, settings: TrainSet
     `sums`: the epoch was stopped midway before; its first `sums.batches` batches are drawn again (so the
     loader's generator advances as it did) but not trained on, and the sums go on from where they were.
     A SIGTERM/SIGINT stops the epoch after the current step with EpochInterrupted, carrying the sums."""
-    weights = {k: w for k, w in method.weights().items()}
+    weights = method.step_weights()
     method.train()
     sums = sums or EpochSums()
     guard = None

@@ -6,9 +6,12 @@ never trained nor saved with the student. One training step is `method(images, l
 returns named, UNWEIGHTED loss terms; the runner weights them with `method.weights()`, logs each as its
 own column and stops when one is not finite.
 
-Any method combines with Hinton KD: the base class adds the `ce` term (weight `1 - alpha`, or
-`ce_weight`) and the `kd` term (weight `alpha`, temperature `T`) around the method's own terms
-(weight `beta` each unless the method says otherwise).
+Any method combines with Hinton KD: the base class adds the `ce` term and the `kd` term (weight `alpha`,
+temperature `T`, reduction `kl_reduction`) around the method's own terms (weight `beta` each unless the
+method says otherwise). The CE weight is `ce_weight` when set, else `1 - alpha` for the methods whose
+official loss is Hinton's convex mix (`ce_follows_alpha`), else 1: RepDistiller's gamma, independent of
+alpha, so `method=at method.alpha=1` adds KD without dropping CE. `kd_until_epoch=k` distils for the first
+k epochs and then trains on CE alone (Cheng et al. 2020: KD as a better initialisation).
 """
 from __future__ import annotations
 
@@ -19,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdrun.errors import ConfigError
 from kdrun.features import FeatureTap, feature_shapes
+
+KL_REDUCTIONS = ("batchmean", "mean")
 
 
 @dataclass
@@ -56,6 +62,9 @@ class Method(nn.Module):
 
     needs_teacher: ClassVar[bool] = True
     term_names: ClassVar[tuple[str, ...]] = ()  # the method's own terms, weighted by `beta`
+    ce_follows_alpha: ClassVar[bool] = False    # CE weight 1 - alpha (Hinton's mix) rather than 1
+    # The official code the loss and defaults follow, and any deliberate difference (`kdrun ls methods`).
+    official_code: ClassVar[str] = ""
 
     def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None, num_classes: int):
         super().__init__()
@@ -65,6 +74,14 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self.T = float(cfg.get("T", 4.0))
         self.alpha = float(cfg.get("alpha", 0.0)) if teacher is not None else 0.0
+        self.kl_reduction = str(cfg.get("kl_reduction") or "batchmean")
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise ConfigError(f"method.kl_reduction={self.kl_reduction} is not allowed: one of {', '.join(KL_REDUCTIONS)}")
+        self.kd_until_epoch = cfg.get("kd_until_epoch")
+        if self.kd_until_epoch is not None and (isinstance(self.kd_until_epoch, bool)
+                                                or not isinstance(self.kd_until_epoch, int) or self.kd_until_epoch < 0):
+            raise ConfigError(f"method.kd_until_epoch={self.kd_until_epoch} is not allowed: an epoch number >= 0, "
+                              "or null to distil throughout")
         self.epoch = 0
         self.stage = "main"
         self.input_shape: tuple[int, ...] = ()  # (C, H, W), known from `prepare` on
@@ -101,11 +118,16 @@ class Method(nn.Module):
         return {}
 
     def weights(self) -> dict[str, float]:
-        ce_weight = self.cfg.get("ce_weight")
-        weights = {"ce": 1.0 - self.alpha if ce_weight is None else float(ce_weight), "kd": self.alpha}
+        weights = {"ce": self.ce_weight(), "kd": self.alpha}
         beta = float(self.cfg.get("beta", 1.0))
         weights.update({name: beta for name in self.term_names})
         return weights
+
+    def ce_weight(self) -> float:
+        ce_weight = self.cfg.get("ce_weight")
+        if ce_weight is not None:
+            return float(ce_weight)
+        return 1.0 - self.alpha if self.ce_follows_alpha else 1.0
 
     def stages(self, epochs: int) -> list[Stage]:
         return [Stage("main", epochs)]
@@ -124,6 +146,14 @@ class Method(nn.Module):
         self.epoch = epoch
 
     # ----- the machinery ------------------------------------------------------------------------------
+    def step_weights(self) -> dict[str, float]:
+        """The weights the runner applies this epoch: `weights()`, or past `kd_until_epoch` (main stage)
+        CE alone at weight 1, every other term at 0, whatever the method weighs otherwise."""
+        weights = self.weights()
+        if self.kd_until_epoch is None or self.epoch <= self.kd_until_epoch or self.stage != "main":
+            return weights
+        return {name: (1.0 if name == "ce" else 0.0) for name in weights}
+
     def prepare(self, input_shape: Sequence[int]) -> None:
         """Validate feature names with one dummy forward, build adapters, then install the taps."""
         self.input_shape = tuple(input_shape)
@@ -160,7 +190,7 @@ class Method(nn.Module):
         if weights.get("ce", 0.0) != 0.0:
             terms["ce"] = F.cross_entropy(fw.s_logits, fw.labels)
         if weights.get("kd", 0.0) != 0.0:
-            terms["kd"] = kd_loss(fw.s_logits, fw.t_logits, self.T)
+            terms["kd"] = kd_loss(fw.s_logits, fw.t_logits, self.T, self.kl_reduction)
         return terms
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:

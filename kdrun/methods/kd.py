@@ -8,13 +8,16 @@ from kdrun.methods.base import Method
 from kdrun.methods.registry import register_method
 
 
-def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """`T^2 * sum_i KL(softmax(t_i / T) || softmax(s_i / T)) / N`: batchmean, not mean over classes."""
+def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float, reduction: str = "batchmean") -> torch.Tensor:
+    """`T^2 * sum_i KL(softmax(t_i / T) || softmax(s_i / T)) / N` (batchmean, Hinton and RepDistiller), or with
+    `reduction="mean"` divided by N x K, as `nn.KLDivLoss()` does by default (Tf-KD's and TAKD's code)."""
     log_p_s = F.log_softmax(s_logits.float() / T, dim=1)
     log_p_t = F.log_softmax(t_logits.float() / T, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
+    return F.kl_div(log_p_s, log_p_t, reduction=reduction, log_target=True) * (T * T)
 
 
 @register_method("kd")
 class KD(Method):
     """Hinton et al. 2015, Distilling the Knowledge in a Neural Network: (1 - alpha) CE + alpha T^2 KL."""
+
+    ce_follows_alpha = True
