@@ -15,6 +15,7 @@ from rich.markup import escape
 from kdrun.errors import ConfigError, OutputError, RunError
 from kdrun.experiment import base_record, config_hash, configure, run
 from kdrun.interrupt import Interrupted, stop_requested
+from kdrun.interrupt import request as request_stop
 from kdrun.progress import console, print_error
 from kdrun.results import RESULT_FILE, read_result, write_result
 from kdrun.sweep_summary import JobReport
@@ -42,7 +43,7 @@ def experiment_job(cfg: DictConfig) -> None:
             print_error("kdrun: training failed:", exc)
             sys.exit(1)
         except (Interrupted, KeyboardInterrupt) as exc:
-            print_error("kdrun: interrupted:", exc or "Ctrl-C")
+            print_error("kdrun: interrupted:", str(exc) or "Ctrl-C")
             sys.exit(interrupted_exit_code())
         return
     sweep_job(cfg, hydra_cfg)
@@ -71,25 +72,39 @@ def sweep_job(cfg: DictConfig, hydra_cfg) -> None:
             return
     share_machine(cfg, hydra_cfg)
     report.write("running", job_dir)
+    chosen: list[Path] = []  # the run's directory: Hydra's, or an incomplete twin's that it resumes
+
+    def on_target(path: Path) -> None:
+        chosen.append(path)
+        report.write("running", path)
+
     try:
-        record = run(cfg, job_dir, search=True)
+        record = run(cfg, job_dir, search=True, on_target=on_target)
         report.write("completed", Path(record["run_dir"]))
     except (Interrupted, KeyboardInterrupt) as exc:
-        print_error(f"job {num} interrupted:", exc or "Ctrl-C")
-        report.write("interrupted", job_dir, str(exc) or "Ctrl-C")
+        request_stop("SIGINT")  # a Ctrl-C before the run's handlers were in place stops the sweep too
+        print_error(f"job {num} interrupted:", str(exc) or "Ctrl-C")
+        report.write("interrupted", chosen[-1] if chosen else job_dir, str(exc) or "Ctrl-C")
     except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the sweep
+        if type(exc).__name__ == "UncompletedJobError":
+            raise  # submitit's own end of a timed-out job: it must see it
         print_error(f"job {num} failed:", exc)
-        result = job_dir / RESULT_FILE
-        if not result.exists():  # refused before training: record why
-            try:
-                record = base_record(cfg, job_dir, str(cfg.device))
-            except Exception:  # noqa: BLE001 - the config itself may be what failed
-                record = {"run_dir": str(job_dir)}
-            record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-            write_result(result, record)
-        report.write("failed", job_dir, str(exc) if isinstance(exc, (ConfigError, *RUN_FAILURES))
-                     else f"{type(exc).__name__}: {exc}")
+        record_refusal(cfg, job_dir, chosen, exc)
+        report.write("failed", chosen[-1] if chosen else job_dir,
+                     str(exc) if isinstance(exc, (ConfigError, *RUN_FAILURES)) else f"{type(exc).__name__}: {exc}")
     _remove_if_empty(job_dir)  # a resumed twin elsewhere leaves Hydra's fresh directory unused
+
+
+def record_refusal(cfg: DictConfig, job_dir: Path, chosen: list[Path], exc: Exception) -> None:
+    """A job refused before its run wrote a record gets one in its directory, saying why."""
+    if chosen and (chosen[-1] / RESULT_FILE).exists():
+        return  # the run recorded its own failure
+    try:
+        record = base_record(cfg, job_dir, str(cfg.device))
+    except Exception:  # noqa: BLE001 - the config itself may be what failed
+        record = {"run_dir": str(job_dir)}
+    record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+    write_result(job_dir / RESULT_FILE, record)
 
 
 def find_completed(results_dir: Path, wanted_hash: str) -> Path | None:

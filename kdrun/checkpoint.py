@@ -116,17 +116,24 @@ def save_checkpoint(path: Path, state: dict) -> str:
     torch.save(state, buffer)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest()
+    name = Path(path).name
+    previous = [d for d in recorded_hashes(path) if d != digest][:1] if Path(path).exists() else []
+    # While the file is replaced, its hash file accepts the old and the new bytes: a kill between the two
+    # renames leaves a checkpoint that still verifies, whichever of the two it is.
+    atomic_write_text(hash_path(path), "".join(f"{d}  {name}\n" for d in [digest, *previous]))
     atomic_write_bytes(path, data)
-    atomic_write_text(hash_path(path), f"{digest}  {Path(path).name}\n")
+    if previous:
+        atomic_write_text(hash_path(path), f"{digest}  {name}\n")
     return digest
 
 
-def recorded_hash(path: Path) -> str | None:
+def recorded_hashes(path: Path) -> list[str]:
+    """The digests the hash file beside `path` accepts (two only while a save replaces the file)."""
     try:
-        text = hash_path(path).read_text().split()
-    except OSError:
-        return None
-    return text[0] if text and len(text[0]) == 64 else None
+        lines = hash_path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line.split()[0] for line in lines if line.split() and len(line.split()[0]) == 64]
 
 
 def sha256_file(path: Path) -> str:
@@ -143,14 +150,15 @@ def load_verified(path: Path) -> tuple[dict, str]:
     path = Path(path)
     if not path.is_file():
         raise DamagedFile(path, "the file is missing")
-    expected = recorded_hash(path)
-    if expected is None:
+    expected = recorded_hashes(path)
+    if not expected:
         raise DamagedFile(path, f"its hash file {hash_path(path).name} is missing or unreadable")
-    actual = sha256_file(path)
-    if actual != expected:
-        raise DamagedFile(path, f"its sha256 is {actual[:12]}..., {hash_path(path).name} records {expected[:12]}...")
+    data = path.read_bytes()  # hashed and loaded from the same bytes, even if the file is replaced meanwhile
+    actual = hashlib.sha256(data).hexdigest()
+    if actual not in expected:
+        raise DamagedFile(path, f"its sha256 is {actual[:12]}..., {hash_path(path).name} records {expected[0][:12]}...")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), actual
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), actual
     except Exception as exc:  # noqa: BLE001 - torch raises several types for foreign files
         raise DamagedFile(path, f"it does not load ({first_line(exc)})") from None
 
@@ -165,8 +173,8 @@ def load_checkpoint(path: Path, key: str = "checkpoint") -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"{key}={path}: no such file")
-    expected = recorded_hash(path)
-    if expected is not None and sha256_file(path) != expected:
+    expected = recorded_hashes(path)
+    if expected and sha256_file(path) not in expected:
         raise ConfigError(f"{key}={path} is damaged: its bytes are not the ones {hash_path(path).name} beside it "
                           "records")
     try:

@@ -19,16 +19,17 @@ from torch import nn
 from kdrun.chain import assistant_names, build_assistants, check_chain, resolve_chain, root_identity
 from kdrun.checkpoint import atomic_write_text, load_checkpoint, load_weights, save_checkpoint
 from kdrun.data import ImageData, load_dataset, make_loaders
-from kdrun.errors import ConfigError, OutputError
-from kdrun.interrupt import Interrupted, stop_on_signals, stop_requested
+from kdrun.errors import ConfigError, OutputError, RunError
+from kdrun.interrupt import Interrupted, check_stop, stop_on_signals, stop_requested
 from kdrun.methods import METHODS, Method
 from kdrun.models import create_model
 from kdrun.progress import RunProgress, console, print_error, print_summary
 from kdrun.results import METRICS_FILE, RESULT_FILE, read_result, write_metrics, write_result
-from kdrun.resume import DamagedCheckpoint, RunLock, choose_run_dir, restore_training, training_state
+from kdrun.resume import DamagedCheckpoint, DeviceMismatch, restore_training, training_state
+from kdrun.run_dir import RunLock, choose_run_dir
 from kdrun.storage import check_output_space
 from kdrun.teachers import check_snapshot_epoch, model_options_of, resolve_teacher
-from kdrun.train import TrainSettings, fit
+from kdrun.train import NonFiniteLoss, TrainSettings, fit
 from kdrun.validate import check_config, check_data_fits, resolve_device
 
 
@@ -131,6 +132,7 @@ def execute(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
     With `resume`, continue the run there from its last epoch checkpoint."""
     cfg, data, method, settings = plan.cfg, plan.data, plan.method, plan.settings
     started = time.perf_counter()
+    check_stop()  # a signal during `prepare`: stop before anything is written
     previous = read_result(run_dir / RESULT_FILE) if resume else None
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     record = base_record(cfg, run_dir, str(settings.device))
@@ -143,6 +145,7 @@ def execute(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
         if plan.teacher is not None:
             teacher = resolve_teacher(cfg, plan.teacher, data, settings)
             record.update(teacher_acc=teacher.accuracy, teacher_source=teacher.source, teacher_sha256=teacher.sha256)
+            check_same_teacher(previous, teacher.sha256)
             if plan.assistants:
                 record["chain"] = resolve_chain(cfg, type(method), plan.teacher, root_identity(cfg, teacher.sha256),
                                                 plan.assistants, data, settings)
@@ -150,17 +153,18 @@ def execute(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
         torch.manual_seed(cfg.seed)  # training a teacher just now (rather than loading it) must not change the run
         point = None
         if resume:
-            restored = restore_run(run_dir, method, plan.loader_rng)
+            restored = restore_run(run_dir, method, plan.loader_rng, settings.device)
             if restored is not None:
                 point, rows, earlier_wall_s = restored.point, list(restored.rows), restored.wall_s
-                write_metrics(run_dir / METRICS_FILE, rows)  # drop a row written after the checkpoint
+                if rows:
+                    write_metrics(run_dir / METRICS_FILE, rows)  # drop a row written after the checkpoint
                 record["resumed_after_epoch"] = point.epoch
                 console.print(f"resuming {run_dir} {describe_point(point)}", highlight=False, soft_wrap=True)
 
         def save_state(state: dict) -> None:
             wall_s = earlier_wall_s + time.perf_counter() - started
             save_checkpoint(run_dir / "checkpoint.pt", training_state(method.student.state_dict(), state,
-                                                                      plan.loader_rng, rows, wall_s))
+                                                                      plan.loader_rng, rows, wall_s, settings.device))
 
         def on_epoch(row: dict, state: dict) -> None:
             rows.append(row)
@@ -174,27 +178,49 @@ def execute(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
                 on_stop=save_state)
         record.update(summarise(rows, method))
         record["status"] = "completed"
-    except (Interrupted, KeyboardInterrupt, SystemExit) as exc:
-        record.update(status="interrupted", error=interruption_message(exc, rows))
+    except BaseException as exc:
+        record.update(outcome_of(exc, rows))
         if isinstance(exc, Interrupted):
             raise Interrupted(record["error"]) from None
         raise  # a launcher's own exit (submitit requeues on SystemExit) goes on as it was
-    except OutputError as exc:  # a full or read-only disk: once there is room, the run can resume
-        record.update(status="failed", error=f"{exc}; the run resumes from its last checkpoint once it can write",
-                      resumable=True)
-        raise
-    except BaseException as exc:
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
     finally:
         record["wall_s"] = earlier_wall_s + time.perf_counter() - started
         write_result(run_dir / RESULT_FILE, record)
     return record
 
 
-def restore_run(run_dir: Path, method: Method, loader_rng):
+def outcome_of(exc: BaseException, rows: list[dict]) -> dict:
+    """How a run that raised `exc` is recorded. A signal, a launcher's stop (submitit's requeue exits, its
+    `UncompletedJobError` at a time limit) is `interrupted`; other failures are `failed`, and resumable
+    unless resuming would fail the same way (a diverging loss, a configuration refused mid-run)."""
+    if isinstance(exc, (Interrupted, KeyboardInterrupt, SystemExit)) or type(exc).__name__ == "UncompletedJobError":
+        return {"status": "interrupted", "error": interruption_message(exc, rows)}
+    if isinstance(exc, OutputError):  # a full or read-only disk: once there is room, the run can resume
+        return {"status": "failed", "resumable": True,
+                "error": f"{exc}; the run resumes from its last checkpoint once it can write"}
+    resumable = isinstance(exc, DeviceMismatch) or not isinstance(exc, (NonFiniteLoss, ConfigError))
+    return {"status": "failed", "resumable": resumable, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def check_same_teacher(previous: dict | None, sha256: str) -> None:
+    """A resumed student must go on learning from the teacher it started with."""
+    if previous and previous.get("teacher_sha256") and previous["teacher_sha256"] != sha256:
+        raise RunError(f"the teacher's weights changed since this run started (sha256 {previous['teacher_sha256'][:12]}"
+                       f"... then, {sha256[:12]}... now): restore them, or start over with resume=never")
+
+
+def check_same_device(target, device: torch.device) -> None:
+    """A run resumes on the device type it trained on (RNG states and float results do not carry over)."""
+    previous = read_result(target.path / RESULT_FILE) if target.resume else None
+    then = str(previous.get("device") or "") if previous else ""
+    if then and torch.device(then).type != device.type:
+        raise ConfigError(f"{target.path} trained on {then}, this run would resume it on {device}: give device={then}"
+                          " to resume it, or resume=never to start a new run")
+
+
+def restore_run(run_dir: Path, method: Method, loader_rng, device):
     try:
-        return restore_training(run_dir / "checkpoint.pt", method, loader_rng)
+        return restore_training(run_dir / "checkpoint.pt", method, loader_rng, device)
     except DamagedCheckpoint as exc:
         print_error("kdrun:", f"cannot resume from {run_dir / 'checkpoint.pt'}: {exc}; training this run from the start")
         return None
@@ -210,10 +236,12 @@ def interruption_message(exc: BaseException, rows: list[dict]) -> str:
     cause = stop_requested() or ("Ctrl-C" if isinstance(exc, KeyboardInterrupt)
                                  else "the launcher (preempted or timed out)" if isinstance(exc, SystemExit)
                                  else "a signal")
-    if isinstance(exc, Interrupted):  # stopped between two steps, with a checkpoint of that point
-        where = f"in epoch {rows[-1]['epoch'] + 1 if rows else 1}"
+    if not rows:
+        where = "before the student's first epoch ended"
+    elif isinstance(exc, Interrupted):  # stopped between two steps, with a checkpoint of that point
+        where = f"in epoch {rows[-1]['epoch'] + 1}"
     else:
-        where = f"after epoch {rows[-1]['epoch']}" if rows else "before its first epoch ended"
+        where = f"after epoch {rows[-1]['epoch']}"
     return f"stopped by {cause} {where}; run the same command again to resume it (resume=auto)"
 
 
@@ -229,20 +257,29 @@ def summarise(rows: list[dict], method: Method) -> dict:
     return summary
 
 
-def run(cfg: DictConfig, run_dir: Path | None = None, search: bool = False) -> dict:
+def run(cfg: DictConfig, run_dir: Path | None = None, search: bool = False, on_target=None) -> dict:
     """Prepare (may refuse), choose the run directory (a new one, or an incomplete twin to resume), then
     execute there. `run_dir`: a directory given by a sweep; `search`: an incomplete twin elsewhere below
-    results_dir may be resumed instead (sweep jobs)."""
+    results_dir may be resumed instead (sweep jobs); `on_target(path)` hears which directory was chosen.
+    SIGTERM and SIGINT stop the run cleanly from the start of `prepare` on."""
+    with stop_on_signals():
+        return run_with_handlers(cfg, run_dir, search, on_target)
+
+
+def run_with_handlers(cfg: DictConfig, run_dir: Path | None, search: bool, on_target) -> dict:
     plan = prepare(cfg)
     explicit = Path(run_dir) if run_dir else (Path(cfg.run_dir) if cfg.get("run_dir") else None)
     target = choose_run_dir(cfg, config_hash(cfg), explicit, lambda: default_run_dir(cfg), search)
+    if on_target is not None:
+        on_target(target.path)
     if target.completed is not None:
         console.print(f"{target.path} already holds this configuration, completed; left alone", highlight=False,
                       soft_wrap=True)
         print_summary(target.completed)
         return target.completed
+    check_same_device(target, plan.settings.device)
     check_output_space(cfg, plan, target.path)
-    with RunLock(target.path), stop_on_signals():
+    with RunLock(target.path):
         record = execute(plan, target.path, resume=target.resume)
     print_summary(record)
     return record

@@ -63,7 +63,7 @@ def stop_on_signals():
             signal.signal(sig, previous[sig])
 
 
-def reset() -> None:
-    """Forget a handled request (after the interrupted run has been recorded)."""
+def request(name: str) -> None:
+    """Record a stop that arrived outside the handlers (a Ctrl-C before they were installed)."""
     global _requested
-    _requested = None
+    _requested = _requested or name

@@ -50,9 +50,10 @@ def state_bytes(module) -> int:
 
 
 def estimate_bytes(cfg, plan) -> int:
-    """What the run writes at its peak: its checkpoint (weights and optimizer state) twice, since an atomic
-    write holds the old and the new file at once, plus a teacher cache entry when the teacher is trained."""
-    need = 4 * state_bytes(plan.method) + MB
+    """What the run writes at its peak: its checkpoint (weights and up to two optimizer buffers per weight,
+    as AdamW keeps) twice, since an atomic write holds the old and the new file at once, plus a teacher
+    cache entry when the teacher is trained."""
+    need = 6 * state_bytes(plan.method) + MB
     if plan.teacher is not None and not cfg.teacher.get("checkpoint"):
         from kdrun.teachers import teacher_cache_dir  # teachers imports this module's users: import on use
 

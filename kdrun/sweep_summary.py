@@ -76,8 +76,11 @@ class SweepSummary(Callback):
     """Prints the summary when a multirun ends and sets `exit_status` for the CLI."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        """A sweep directory given twice (a fixed hydra.sweep.dir) must not report the earlier sweep's jobs."""
         global exit_status
         exit_status = 0
+        for old in Path(config.hydra.sweep.dir).glob(f"{REPORTS}/*.json"):
+            old.unlink(missing_ok=True)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         global exit_status

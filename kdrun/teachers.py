@@ -29,7 +29,8 @@ from kdrun.methods.ce import CE
 from kdrun.models import create_model
 from kdrun.progress import RunProgress, print_error
 from kdrun.results import read_result, write_metrics, write_result
-from kdrun.resume import DamagedCheckpoint, move_aside, restore_training, training_state
+from kdrun.interrupt import check_stop
+from kdrun.resume import DamagedCheckpoint, DeviceMismatch, move_aside, restore_training, training_state
 from kdrun.train import NonFiniteLoss, TrainSettings, evaluate, fit
 
 CACHE_FORMAT = 2  # bump when a change to training or to the entry's files makes cached teachers stale
@@ -87,7 +88,13 @@ def locked(directory: Path):
     """Serialise processes that want the same cache entry: the second waits, then finds it cached."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(directory.parent / f".{directory.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        while True:  # polled, not blocking: a SIGTERM while waiting stops the run instead of waiting on
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                check_stop()
+                time.sleep(0.2)
         try:
             yield
         finally:
@@ -140,6 +147,10 @@ def resolve_cached(cfg, cache: Path, identity: dict, label: str, new_learner, ta
                 moved = move_aside(cache)
                 print_error("kdrun:", f"{label}: cache entry {cache} is damaged ({exc.reason}); moved it to "
                                       f"{moved.name}, training it again")
+        elif (cache / "result.json").exists():  # a record that does not read: keep the entry, train anew
+            moved = move_aside(cache)
+            print_error("kdrun:", f"{label}: cache entry {cache} has an unreadable result.json; moved it to "
+                                  f"{moved.name}, training it again")
         elif cache.exists():
             print_error("kdrun:", f"{label}: cache entry {cache} is incomplete (its training was stopped); "
                                   "training it (from its last epoch when that was saved)")
@@ -197,14 +208,14 @@ def train_into_cache(cfg, cache: Path, identity: dict, label: str, learner: Meth
     cache.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cache / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(identity)))
     keep_snapshots = cfg.teacher.get("keep_snapshots", True)
-    restored = resume_entry(cfg, cache, label, learner, loader_rng)
+    restored = resume_entry(cfg, cache, label, learner, loader_rng, settings.device)
     rows: list[dict] = list(restored.rows) if restored else []
     earlier_wall_s = restored.wall_s if restored else 0.0
 
     def save_state(state):
         wall_s = earlier_wall_s + time.perf_counter() - started
         save_checkpoint(cache / TRAIN_STATE, training_state(learner.student.state_dict(), state, loader_rng, rows,
-                                                            wall_s))
+                                                            wall_s, settings.device))
 
     def on_epoch(row, state):
         rows.append(row)
@@ -235,13 +246,13 @@ def train_into_cache(cfg, cache: Path, identity: dict, label: str, learner: Meth
     return record
 
 
-def resume_entry(cfg, cache: Path, label: str, learner: Method, loader_rng):
+def resume_entry(cfg, cache: Path, label: str, learner: Method, loader_rng, device):
     """The training state an interrupted training of this entry saved, loaded into `learner`, or None."""
     if str(cfg.get("resume", "auto")) == "never":
         return None
     try:
-        restored = restore_training(cache / TRAIN_STATE, learner, loader_rng)
-    except DamagedCheckpoint as exc:
+        restored = restore_training(cache / TRAIN_STATE, learner, loader_rng, device)
+    except (DamagedCheckpoint, DeviceMismatch) as exc:
         print_error("kdrun:", f"{label}: cannot resume its training from {cache / TRAIN_STATE} ({exc}); "
                               "training it from the start")
         return None

@@ -188,6 +188,7 @@ def fit(method: Method, train_loader, test_loader, stages: list[Stage], optim_cf
                     **extra}
 
         for stage_epoch in range(done + 1, stage.epochs + 1):
+            check_stop()  # a signal during the last evaluation: the epoch checkpoint is the stop point
             epoch += 1
             method.begin_epoch(epoch)
             lr_now = optimizer.param_groups[0]["lr"] if partial_lr is None else partial_lr

@@ -5,6 +5,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.errors import ConfigError
+from kdrun.run_dir import resume_mode
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -47,8 +48,6 @@ def check_config(cfg: DictConfig, needs_teacher: bool) -> None:
         teacher_lr = _number(cfg, "teacher.lr")
         _require(teacher_lr is not None and teacher_lr > 0, "teacher.lr", teacher_lr, "must be > 0")
     _require(cfg.precision in PRECISIONS, "precision", cfg.precision, f"one of {', '.join(PRECISIONS)}")
-    from kdrun.resume import resume_mode  # resume imports the training loop: import on use
-
     resume_mode(cfg)  # auto, never or a run directory
 
 

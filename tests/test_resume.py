@@ -121,8 +121,8 @@ def test_a_damaged_run_checkpoint_is_moved_aside_and_the_run_starts_over(kdrun, 
     capsys.readouterr()
     code, records = kdrun("epochs=2")
     assert code == 0 and len(records) == 1 and records[0]["status"] == "completed"
-    assert "moved it to checkpoint.pt.corrupt-" in capsys.readouterr().err
-    assert list(run_dir.glob("checkpoint.pt.corrupt-*"))
+    assert "moved it aside (checkpoint.pt.corrupt-" in capsys.readouterr().err
+    assert list(run_dir.glob("checkpoint.pt.corrupt-*")) and list(run_dir.glob("metrics.csv.corrupt-*"))
 
 
 def test_bad_resume_value_is_refused(kdrun, capsys):
