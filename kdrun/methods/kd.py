@@ -13,7 +13,9 @@ def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float, reduction:
     `reduction="mean"` divided by N x K, as `nn.KLDivLoss()` does by default (Tf-KD's and TAKD's code)."""
     log_p_s = F.log_softmax(s_logits.float() / T, dim=1)
     log_p_t = F.log_softmax(t_logits.float() / T, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction=reduction, log_target=True) * (T * T)
+    total = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True) * (T * T)
+    # Spelled out: torch's own reduction="mean" for kl_div is announced to become batchmean.
+    return total / (s_logits.shape[0] if reduction == "batchmean" else s_logits.numel())
 
 
 @register_method("kd")

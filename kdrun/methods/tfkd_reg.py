@@ -1,12 +1,14 @@
 """Yuan, Tay, Li, Wang & Feng CVPR 2020, "Revisiting Knowledge Distillation via Label Smoothing Regularization":
-Tf-KD regularisation, KD from a hand-made virtual teacher instead of a trained one."""
+Tf-KD regularisation, KD from a hand-made virtual teacher instead of a trained one (the authors' code,
+yuanli2333/Teacher-free-Knowledge-Distillation my_loss_function.py::loss_kd_regularization)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from kdrun.errors import ConfigError
-from kdrun.methods.base import Forward, Method
+from kdrun.methods.base import KL_REDUCTIONS, Forward, Method
+from kdrun.methods.common import config_number
 from kdrun.methods.registry import register_method
 
 
@@ -18,23 +20,35 @@ def virtual_teacher(target: torch.Tensor, num_classes: int, a: float) -> torch.T
     return probs.scatter(1, target.view(-1, 1), a)
 
 
-def tfkd_reg_loss(s_logits: torch.Tensor, target: torch.Tensor, a: float, T: float) -> torch.Tensor:
-    """`T^2 KL(p^d || softmax(z_s / T))`, batchmean, with p^d the virtual teacher (not temperature-scaled)."""
+def tfkd_reg_loss(s_logits: torch.Tensor, target: torch.Tensor, a: float, T: float, multiplier: float = 1.0,
+                  reduction: str = "mean") -> torch.Tensor:
+    """The authors' Tf-KD reg term: `multiplier * KL(softmax(p^d / T) || softmax(z_s))`, mean over N x K.
+
+    As `loss_kd_regularization` computes it: the virtual teacher's probabilities p^d are softened by T as
+    if they were logits, the student is NOT (T = 1), there is no T^2, and `nn.KLDivLoss()`'s default mean
+    divides the summed KL by N x K. `reduction="batchmean"` divides by N only (K times larger)."""
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"reduction={reduction} is not one of {', '.join(KL_REDUCTIONS)}")
     p_d = virtual_teacher(target, s_logits.shape[1], a)
-    log_p_s = F.log_softmax(s_logits.float() / T, dim=1)
-    return F.kl_div(log_p_s, p_d, reduction="batchmean") * (T * T)
+    q = F.softmax(p_d / T, dim=1)
+    log_p_s = F.log_softmax(s_logits.float(), dim=1)
+    kl_sum = F.kl_div(log_p_s, q, reduction="sum")  # "mean" spelled out: torch warns it will become batchmean
+    return kl_sum / (q.numel() if reduction == "mean" else q.shape[0]) * multiplier
 
 
 @register_method("tfkd_reg")
 class TfKDReg(Method):
-    """Yuan et al. CVPR 2020, Tf-KD reg: (1 - alpha) CE + alpha T^2 KL(p^d || p_s^T), p^d a virtual teacher.
+    """Yuan et al. CVPR 2020, Tf-KD reg: (1 - alpha) CE + alpha * multiplier * KL_mean(softmax(p^d / T) || p_s).
 
-    As the paper writes it. The authors' code differs: it softens the virtual teacher itself
-    (softmax(p^d / T)), leaves the student at T = 1, divides the KL by the number of classes too
-    (nn.KLDivLoss's default mean) and multiplies it by a per-experiment `multiplier`.
+    The authors' code, not the paper's formula (`T^2 KL(p^d_T || p_s^T)`): their `loss_kd_regularization`
+    softens the virtual teacher's probabilities p^d by T, leaves the student at T = 1, has no T^2, averages
+    the KL over N x K (`nn.KLDivLoss()`; `method.kl_reduction=batchmean` divides by N only) and multiplies it
+    by a per-model `multiplier`. The true-class probability `a` is hard-coded to 0.99 there; here a key.
     """
 
     needs_teacher = False
+    official_code = ("yuanli2333/Teacher-free-Knowledge-Distillation my_loss_function.py::loss_kd_regularization "
+                     "(`a` is a key; theirs hard-codes 0.99)")
 
     @classmethod
     def configure(cls, cfg) -> None:
@@ -42,6 +56,7 @@ class TfKDReg(Method):
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:
             raise ConfigError(f"method.a={a} is not allowed: the virtual teacher's true-class probability must lie "
                               "in [0, 1]")
+        config_number(cfg.method, "multiplier", 1.0)
 
     def weights(self) -> dict[str, float]:
         alpha = float(self.cfg.get("alpha", 0.0))  # the base zeroes alpha without a teacher: read it here
@@ -49,4 +64,6 @@ class TfKDReg(Method):
         return {"ce": 1.0 - alpha if ce_weight is None else float(ce_weight), "virtual_kd": alpha}
 
     def method_terms(self, fw: Forward) -> dict[str, torch.Tensor]:
-        return {"virtual_kd": tfkd_reg_loss(fw.s_logits, fw.labels, float(self.cfg.a), self.T)}
+        multiplier = config_number(self.cfg, "multiplier", 1.0)
+        return {"virtual_kd": tfkd_reg_loss(fw.s_logits, fw.labels, float(self.cfg.a), self.T, multiplier,
+                                            self.kl_reduction)}
