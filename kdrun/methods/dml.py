@@ -16,6 +16,8 @@ from kdrun.methods.kd import kd_loss
 from kdrun.methods.registry import register_method
 from kdrun.models import MODELS, create_model
 
+MUTUAL_REDUCTIONS = ("sum", "mean")
+
 
 def check_peers(cfg) -> list[str]:
     """`method.peers` must list at least two registered models; returns it as a Python list."""
@@ -76,30 +78,49 @@ class PeerMethod(Method):
         return StepOutput(self.peer_terms(logits, labels), logits[0])
 
 
-def dml_loss(logits_list: list[torch.Tensor], target: torch.Tensor, T: float = 1.0) -> dict[str, torch.Tensor]:
+def check_mutual_reduction(reduction) -> None:
+    if reduction not in MUTUAL_REDUCTIONS:
+        raise ConfigError(f"method.mutual_reduction={reduction} is not allowed: one of {', '.join(MUTUAL_REDUCTIONS)}")
+
+
+def dml_loss(logits_list: list[torch.Tensor], target: torch.Tensor, T: float = 1.0,
+             reduction: str = "sum") -> dict[str, torch.Tensor]:
     """DML's loss of all peers, as two terms each summed over the K peers:
-    `ce = sum_i CE(z_i, y)` and `dml = sum_i 1/(K-1) sum_{j != i} T^2 KL(p_j^T || p_i^T)` (batchmean),
-    with every p_j detached, so peer i's parameters get gradients from peer i's loss alone.
-    The total DML objective is `ce + dml`."""
+    `ce = sum_i CE(z_i, y)` and `dml = sum_i r sum_{j != i} T^2 KL(p_j^T || p_i^T)` (batchmean), with every
+    p_j detached, so peer i's parameters get gradients from peer i's loss alone. `reduction="sum"` (r = 1)
+    is the official code (`train_models.py::_tower_loss` adds each of the K-1 KL terms to peer i's loss),
+    `"mean"` (r = 1/(K-1)) the paper's average; with two peers they agree. The total objective is `ce + dml`."""
+    check_mutual_reduction(reduction)
     k = len(logits_list)
     if k < 2:
         raise ValueError(f"dml_loss needs at least two peers, got {k}")
     ce = sum(F.cross_entropy(z.float(), target) for z in logits_list)
     mutual = sum(kd_loss(z_i, z_j.detach(), T)
-                 for i, z_i in enumerate(logits_list) for j, z_j in enumerate(logits_list) if j != i) / (k - 1)
-    return {"ce": ce, "dml": mutual}
+                 for i, z_i in enumerate(logits_list) for j, z_j in enumerate(logits_list) if j != i)
+    return {"ce": ce, "dml": mutual / (k - 1) if reduction == "mean" else mutual}
 
 
 @register_method("dml")
 class DML(PeerMethod):
-    """Zhang et al. 2018, Deep Mutual Learning: K peers, each CE + mean KL(p_j || p_i) to the others.
+    """Zhang et al. 2018, Deep Mutual Learning: K peers, each CE + the KL(p_j || p_i) to the others.
 
-    The paper updates the peers in turn, each seeing the others' latest weights; here all peers step
-    together on one batch with the others' outputs detached (the common simultaneous variant).
+    `method.mutual_reduction`: `sum` of the K-1 KL terms (the official TensorFlow code, the default) or
+    their `mean` (the paper's 1/(K-1)). The code updates the peers in turn, each on its own batch and seeing
+    the others' latest weights; here all peers step together on one batch with the others' outputs detached
+    (the common simultaneous variant).
     """
+
+    official_code = ("YingZhangDUT/Deep-Mutual-Learning train_models.py (TensorFlow; KL(p_j || p_i) batchmean, "
+                     "summed over the K-1 peers: mutual_reduction=sum; mean is the paper's); differences: peers "
+                     "step together on one batch, not in turn on fresh batches; no 1e-8 inside the log")
+
+    @classmethod
+    def configure(cls, cfg) -> None:
+        super().configure(cfg)
+        check_mutual_reduction(cfg.method.get("mutual_reduction"))
 
     def weights(self) -> dict[str, float]:
         return {"ce": 1.0, "dml": 1.0}
 
     def peer_terms(self, logits, labels):
-        return dml_loss(logits, labels, self.T)
+        return dml_loss(logits, labels, self.T, str(self.cfg.mutual_reduction))

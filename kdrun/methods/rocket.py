@@ -1,166 +1,115 @@
 """Zhou et al. AAAI 2018, "Rocket Launching: A Universal and Efficient Framework for Training Well-performing
-Light Net": a light net and a booster net share their lower layers and train together from scratch."""
+Light Net": a light net and a booster net share their lower convolutions and train together from scratch."""
 from __future__ import annotations
-
-from contextlib import contextmanager
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.features import FeatureTap, feature_shapes, model_label
+from kdrun.features import model_label
 from kdrun.methods.base import Method, StepOutput
 from kdrun.methods.common import config_number
 from kdrun.methods.registry import register_method
 from kdrun.models import MODELS, create_model
+from kdrun.models.cifar_resnet import CifarResNet
+from kdrun.models.wrn import WideResNet
 
-SHARED_ALIASES = ("stem", "s1")
+SHARING = ("interval", "none")
+INTERVAL_FAMILIES = (CifarResNet, WideResNet)
+STAGES = ("layer1", "layer2", "layer3")
+INTERVAL_PAIRS = ("CIFAR ResNets of the same widths (resnet8 ... resnet110 with each other, resnet8x4 with "
+                  "resnet32x4) or WRNs of the same width (wrn_16_1 with wrn_40_1, wrn_16_2 with wrn_40_2), the "
+                  "booster at least as deep")
 
 
 def rocket_loss(z_light: torch.Tensor, z_booster: torch.Tensor) -> torch.Tensor:
-    """The hint term `mean((z_light - z_booster)^2)` over all N x K logits, with the booster's logits detached
-    (the paper's gradient block: the hint pulls the light net toward the booster, never the reverse)."""
-    return F.mse_loss(z_light.float(), z_booster.detach().float())
+    """The hint term `sum_{n,k} (z_booster - z_light)^2 / N`: summed over the K classes, divided by the batch
+    (`rocket_interval.py`: `((y_course - ys) * (y_course - ys)).sum() / opt.batchSize`), so K times the mean
+    over N x K. The booster's logits are detached (the paper's gradient block: the hint pulls the light net
+    toward the booster, never the reverse)."""
+    diff = z_light.float() - z_booster.detach().float()
+    return diff.pow(2).sum() / z_light.shape[0]
 
 
-class SharedTrunk(nn.Module):
-    """The light net's lower layers standing in for the booster's: the very same module objects, so their
-    parameters are shared, not copied. In a training step the light net has already computed their output;
-    `reuse` hands it over, so the shared layers run (and update their BN statistics) once per step, and the
-    booster's loss reaches them through that one output."""
-
-    def __init__(self, layers: Sequence[nn.Module]):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self._reused: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._reused is not None:
-            return self._reused
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-    @contextmanager
-    def reuse(self, features: torch.Tensor):
-        self._reused = features
-        try:
-            yield
-        finally:
-            self._reused = None
+def shared_units(light: nn.Module) -> list[str]:
+    """The light net's modules whose convolutions the booster shares: the stem and every block of every stage
+    (the light net's block i of a stage shares with the booster's block i of that stage)."""
+    return ["stem"] + [f"{stage}.{i}" for stage in STAGES for i in range(len(light.get_submodule(stage)))]
 
 
-def alias_path(model: nn.Module, alias: str) -> str:
-    path = getattr(model, "feature_aliases", {}).get(alias)
-    if path is None or path.endswith(":input"):
-        raise ConfigError(f"method.shared={alias} is not allowed for {model_label(model)}: it has no module "
-                          f"named {alias} (see `kdrun ls layers {model_label(model)}`)")
-    return path
+def convs_of(module: nn.Module) -> dict[str, nn.Conv2d]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, nn.Conv2d)}
 
 
-@torch.no_grad()
-def layers_up_to(model: nn.Module, path: str, input_shape: Sequence[int], alias: str) -> list[str]:
-    """Module paths that compute the output of `path`, in the order they run: at each level of `path` the
-    sibling modules that finish before it starts, then `path` itself. Refuses modules that run again later
-    (replacing those would change the rest of the network)."""
-    parts = path.split(".")
-    candidates = {}
-    for depth in range(len(parts)):
-        parent = ".".join(parts[:depth])
-        for name, child in model.get_submodule(parent).named_children():
-            candidates[f"{parent}.{name}" if parent else name] = child
-    events: list[tuple[str, str]] = []
-    handles = []
-    for name, module in candidates.items():
-        handles.append(module.register_forward_pre_hook(lambda *_, name=name: events.append(("start", name))))
-        handles.append(module.register_forward_hook(lambda *_, name=name: events.append(("end", name))))
-    was_training = model.training
-    try:
-        model.eval()(torch.zeros(2, *input_shape, device=next(model.parameters()).device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    start, end = events.index(("start", path)), events.index(("end", path))
-    lower = [name for kind, name in events[:start] if kind == "end"] + [path]
-    again = [name for kind, name in events[end:] if kind == "start" and name in lower]
-    if again or len(set(lower)) != len(lower):
-        raise ConfigError(f"method.shared={alias} is not allowed for {model_label(model)}: module "
-                          f"'{(again or lower)[0]}' below {alias} runs more than once, so it cannot be shared")
-    return lower
+def describe(path: str, convs: dict[str, nn.Conv2d]) -> str:
+    return ", ".join(f"{path}.{name}".rstrip(".") + f" {tuple(conv.weight.shape)}" for name, conv in convs.items())
 
 
-def share_lower_layers(booster: nn.Module, light: nn.Module, alias: str, input_shape: Sequence[int]) -> SharedTrunk:
-    """Replace the booster's layers up to `alias` by the light net's (in place); returns the shared trunk.
-
-    The booster's modules below `alias` become identities and its `alias` module becomes the light net's
-    layers up to `alias`, so the booster's forward computes its upper layers on the light net's features.
-    """
-    light_path, booster_path = alias_path(light, alias), alias_path(booster, alias)
-    light_shape = feature_shapes(light, [alias], input_shape)[alias]
-    booster_shape = feature_shapes(booster, [alias], input_shape)[alias]
-    if light_shape != booster_shape:
-        raise ConfigError(f"method.shared={alias} is not allowed for {model_label(light)} with booster "
-                          f"{model_label(booster)}: their {alias} outputs differ ({tuple(light_shape)} vs "
-                          f"{tuple(booster_shape)}); choose method.shared from {', '.join(SHARED_ALIASES)} or "
-                          "another method.booster with the same shapes there")
-    light_layers = layers_up_to(light, light_path, input_shape, alias)
-    booster_layers = layers_up_to(booster, booster_path, input_shape, alias)
-    trunk = SharedTrunk([light.get_submodule(path) for path in light_layers])
-    for path in booster_layers[:-1]:
-        booster.set_submodule(path, nn.Identity())
-    booster.set_submodule(booster_path, trunk)
-    check_plain_sequence(booster, light, trunk, alias, input_shape)
-    return trunk
+def interval_refusal(booster: nn.Module, light: nn.Module, reason: str) -> ConfigError:
+    return ConfigError(f"method.booster={model_label(booster)} is not allowed with student={model_label(light)} "
+                       f"and method.shared=interval: {reason}; the light net's blocks share their conv weights "
+                       f"with the booster's first blocks of each stage, so pair {INTERVAL_PAIRS}, or set "
+                       "method.shared=none")
 
 
-@torch.no_grad()
-def check_plain_sequence(booster: nn.Module, light: nn.Module, trunk: SharedTrunk, alias: str,
-                         input_shape: Sequence[int]) -> None:
-    """Sharing is only right if both forwards run their lower layers as a plain chain: the trunk must
-    reproduce the light net's `alias` feature, and the booster must feed the trunk its raw input."""
-    device = next(light.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG stream untouched
-    x = torch.randn(2, *input_shape, device=device, generator=generator)
-    tap = FeatureTap(light, [alias])
-    fed: list[torch.Tensor] = []
-    modes = (light.training, booster.training)
-    light.eval(), booster.eval()
-    try:
-        _, feats = tap(x)
-        same_feature = torch.allclose(trunk(x), feats[alias], rtol=1e-4, atol=1e-5)
-        handle = trunk.register_forward_pre_hook(lambda _module, args: fed.append(args[0]))
-        try:
-            booster(x)
-        finally:
-            handle.remove()
-    finally:
-        tap.remove()
-        light.train(modes[0]), booster.train(modes[1])
-    if not same_feature:
-        raise ConfigError(f"method.shared={alias} is not allowed for {model_label(light)}: its forward does more "
-                          f"than run its layers up to {alias} one after another, so they cannot be shared")
-    if len(fed) != 1 or not torch.equal(fed[0], x):
-        raise ConfigError(f"method.shared={alias} is not allowed for booster {model_label(booster)}: its forward "
-                          f"does more than run its layers up to {alias} one after another, so they cannot be "
-                          "replaced")
+def interval_pairs(booster: nn.Module, light: nn.Module) -> list[tuple[nn.Conv2d, nn.Conv2d]]:
+    """(light conv, booster conv) pairs of `rocket_interval.py`'s sharing: the stem conv, and every conv of the
+    light net's blocks with the one at the same place in the booster's first blocks of the same stage.
+    Refuses, in one line, pairs of models where that sharing cannot be done."""
+    if not isinstance(light, INTERVAL_FAMILIES) or type(booster) is not type(light):
+        raise interval_refusal(booster, light, "only two CIFAR ResNets or two WRNs can share stage by stage")
+    pairs = []
+    for path in shared_units(light):
+        stage, _, index = path.partition(".")
+        if index and int(index) >= len(booster.get_submodule(stage)):
+            raise interval_refusal(booster, light, f"the booster's {stage} is shallower than the light net's "
+                                   f"({len(booster.get_submodule(stage))} vs {len(light.get_submodule(stage))} blocks)")
+        light_convs, booster_convs = convs_of(light.get_submodule(path)), convs_of(booster.get_submodule(path))
+        same = light_convs.keys() == booster_convs.keys() and all(
+            conv.weight.shape == booster_convs[name].weight.shape for name, conv in light_convs.items())
+        if not same:
+            raise interval_refusal(booster, light, f"their {path} convolutions differ ("
+                                   f"{describe(path, light_convs)} vs {describe(path, booster_convs)})")
+        pairs += [(conv, booster_convs[name]) for name, conv in light_convs.items()]
+    return pairs
+
+
+def share_interval(booster: nn.Module, light: nn.Module) -> list[nn.Parameter]:
+    """Make the booster's shared convolutions use the light net's weight tensors (in place): the very same
+    Parameter objects, so both nets' losses update one tensor, and one optimizer sees it once. BN layers,
+    the booster's deeper blocks, WRN's final BN and the classifiers stay separate. Returns the shared
+    parameters."""
+    shared = []
+    for light_conv, booster_conv in interval_pairs(booster, light):
+        for name in ("weight", "bias"):
+            param = getattr(light_conv, name)
+            if param is not None:
+                setattr(booster_conv, name, param)
+                shared.append(param)
+    return shared
 
 
 @register_method("rocket")
 class RocketLaunching(Method):
-    """Zhou et al. AAAI 2018, Rocket Launching: light net + booster with shared lower layers, logit hint.
+    """Zhou et al. AAAI 2018, Rocket Launching: light net + booster sharing lower convolutions, logit hint.
 
     The booster (`method.booster`, default the run's teacher model) trains from scratch with the light net
-    (the run's student): `CE_light + CE_booster + lambda * mean((z_light - z_booster)^2)`, where the hint
-    term's gradient never reaches the booster's own layers. The booster's layers up to `method.shared`
-    (stem or s1) are replaced by the light net's, so they are literally shared; nets whose outputs there
-    differ in shape are refused. Both nets are evaluated every epoch (light first: it is the run's model).
-    One optimizer holds both nets; SGD state is per parameter, so this equals one optimizer per net.
+    (the run's student): `CE_light + CE_booster + lambda * sum_k (z_booster - z_light)_k^2 / N`, where the
+    hint's gradient never reaches the booster (its logits are detached); through the light net's own
+    forward it does reach the shared convolutions, as in the official code. `method.shared=interval`
+    (`rocket_interval.py`): the stem conv and the convs of the light net's n_s blocks of each stage are the
+    booster's first n_s blocks' convs of that stage (same tensors); every BN layer and the classifiers stay
+    separate, and each net runs its own forward. `none` shares nothing (the paper's ablation). Both nets are
+    evaluated every epoch (light first: it is the run's model). One optimizer holds both nets; SGD state is
+    per parameter and a shared tensor appears once, which is the official single optimizer.
     """
 
     needs_teacher = False
+    official_code = ("zhougr1993/Rocket-Launching rocket_interval.py (hint summed over classes / N, booster "
+                     "detached; stem conv and first blocks' convs shared, BN separate); differences: divides by "
+                     "the actual batch, not the fixed --batchSize; kdrun ResNets' stem and shortcut BNs are "
+                     "separate too; rocket_bottom.py's sharing is not offered")
 
     @classmethod
     def configure(cls, cfg) -> None:
@@ -168,23 +117,21 @@ class RocketLaunching(Method):
         if booster not in MODELS:
             raise ConfigError(MODELS.unknown_message(booster, "method.booster"))
         shared = cfg.method.get("shared")
-        if shared not in SHARED_ALIASES:
-            raise ConfigError(f"method.shared={shared} is not allowed: one of {', '.join(SHARED_ALIASES)}")
-        config_number(cfg.method, "lambda", 1.0)
+        if shared not in SHARING:
+            raise ConfigError(f"method.shared={shared} is not allowed: one of {', '.join(SHARING)}")
+        config_number(cfg.method, "lambda", 0.03)
 
     def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None, num_classes: int):
         super().__init__(cfg, student, teacher, num_classes)
         self.shared = str(cfg.shared)
         self.booster: nn.Module | None = None  # built in `build`, once the input shape is known
-        self._trunk: tuple[SharedTrunk, ...] = ()  # a tuple: the trunk is already inside the booster's tree
-
-    def student_layers(self) -> list[str]:
-        return [self.shared]
 
     def build(self, s_shapes, t_shapes) -> None:
         device = next(self.student.parameters()).device
-        self.booster = create_model(str(self.cfg.booster), self.num_classes, self.input_shape[0]).to(device)
-        self._trunk = (share_lower_layers(self.booster, self.student, self.shared, self.input_shape),)
+        booster = create_model(str(self.cfg.booster), self.num_classes, self.input_shape[0]).to(device)
+        if self.shared == "interval":
+            share_interval(booster, self.student)
+        self.booster = booster
 
     def weights(self) -> dict[str, float]:
         return {"ce": 1.0, "ce_booster": 1.0, "hint": float(self.cfg["lambda"])}
@@ -193,9 +140,7 @@ class RocketLaunching(Method):
         return {"light": self.student, "booster": self.booster}
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        z_light, feats = self._student_tap(images)
-        with self._trunk[0].reuse(feats[self.shared]):
-            z_booster = self.booster(images)
+        z_light, z_booster = self.student(images), self.booster(images)
         terms = {"ce": F.cross_entropy(z_light.float(), labels),
                  "ce_booster": F.cross_entropy(z_booster.float(), labels),
                  "hint": rocket_loss(z_light, z_booster)}
