@@ -11,7 +11,7 @@ temperature `T`, reduction `kl_reduction`) around the method's own terms (weight
 method says otherwise). The CE weight is `ce_weight` when set, else `1 - alpha` for the methods whose
 official loss is Hinton's convex mix (`ce_follows_alpha`), else 1: RepDistiller's gamma, independent of
 alpha, so `method=at method.alpha=1` adds KD without dropping CE. `kd_until_epoch=k` distils for the first
-k epochs and then trains on CE alone (Cheng et al. 2020: KD as a better initialisation).
+k epochs and then trains on CE alone (KD as a better initialisation).
 """
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ class Method(nn.Module):
             self.teacher.requires_grad_(False)
 
     def uses_teacher_outputs(self) -> bool:
-        return self.teacher is not None and (self.weights().get("kd", 0.0) > 0 or bool(self.teacher_layers()))
+        return self.teacher is not None and (self.step_weights().get("kd", 0.0) > 0 or bool(self.teacher_layers()))
 
     def run_teacher(self, images: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Teacher forward in eval mode under inference_mode; outputs are cloned into normal tensors so the
@@ -185,7 +185,7 @@ class Method(nn.Module):
     def response_terms(self, fw: Forward) -> dict[str, torch.Tensor]:
         from kdrun.methods.kd import kd_loss  # kd.py subclasses this module, so import on use
 
-        weights = self.weights()
+        weights = self.step_weights()  # past kd_until_epoch the kd term is not even computed
         terms = {}
         if weights.get("ce", 0.0) != 0.0:
             terms["ce"] = F.cross_entropy(fw.s_logits, fw.labels)

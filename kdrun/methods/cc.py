@@ -41,6 +41,8 @@ class CC(Method):
     features (e.g. one trained for a single epoch) can make the default beta diverge; lower beta then.
     """
 
+    official_code = "RepDistiller distiller_zoo/CC.py (embedding heads of crd/)"
+
     term_names = ("cc",)
 
     def __init__(self, cfg, student, teacher, num_classes):

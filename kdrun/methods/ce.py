@@ -9,6 +9,8 @@ from kdrun.methods.registry import register_method
 class CE(Method):
     """No distillation: the student trained on labels alone (the baseline)."""
 
+    official_code = "- (plain cross-entropy, the student baseline)"
+
     needs_teacher = False
 
     def weights(self) -> dict[str, float]:

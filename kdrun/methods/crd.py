@@ -151,6 +151,8 @@ class CRD(Method):
     CIFAR-100's 50k images, so refusing would make the default fail on every small dataset.
     """
 
+    official_code = "RepDistiller crd/criterion.py + crd/memory.py (memory banks on the device)"
+
     term_names = ("crd",)
 
     def __init__(self, cfg, student, teacher, num_classes):

@@ -85,6 +85,8 @@ class CSKD(Method):
     pair a sample with itself, the partner is always another sample when its class has more than one.
     """
 
+    official_code = "alinlab/cs-kd train.py::KDLoss (class-paired batches drawn on the device)"
+
     needs_teacher = False
 
     @classmethod

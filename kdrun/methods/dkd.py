@@ -44,6 +44,8 @@ class DKD(Method):
     `ce_weight` (1). `dkd_alpha`/`dkd_beta` weigh TCKD/NCKD inside the term; the runner's `alpha` stays the
     weight of an optional Hinton KD term (0 by default)."""
 
+    official_code = "mdistiller mdistiller/distillers/DKD.py (linear warm-up over `warmup` epochs as its configs)"
+
     term_names = ("dkd",)
 
     def __init__(self, cfg, student, teacher, num_classes):

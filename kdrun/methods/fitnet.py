@@ -64,6 +64,8 @@ class FitNet(Method):
     `hint_epochs` epochs as a stage of its own, at the run's lr held constant. The hint term has weight `beta`
     in both stages."""
 
+    official_code = "RepDistiller distiller_zoo/FitNet.py + models/util.py::ConvReg (optional hint stage of the paper)"
+
     term_names = ("hint",)
 
     def __init__(self, cfg, student, teacher, num_classes):

@@ -91,6 +91,8 @@ class FT(Method):
     students and the run's lr for others, as RepDistiller's pretrain.py.
     """
 
+    official_code = "RepDistiller distiller_zoo/FT.py + models/util.py Paraphraser/Translator (paraphraser stage at constant init lr)"
+
     term_names = ("ft",)
 
     def __init__(self, cfg, student, teacher, num_classes):

@@ -104,6 +104,8 @@ class KDCL(PeerMethod):
     variant (KDCL-General) is not offered.
     """
 
+    official_code = "- (no official code was released; follows the paper, all peers on one augmented batch)"
+
     @classmethod
     def configure(cls, cfg) -> None:
         super().configure(cfg)

@@ -18,6 +18,8 @@ def logits_loss(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
 class Logits(Method):
     """Ba & Caruana 2014, Do Deep Nets Really Need to be Deep?: L2 regression on the pre-softmax logits."""
 
+    official_code = "Knowledge-Distillation-Zoo kd_losses/logits.py (mean squared logit difference)"
+
     term_names = ("logits",)
 
     def uses_teacher_outputs(self) -> bool:

@@ -19,6 +19,8 @@ def ls_loss(s_logits: torch.Tensor, target: torch.Tensor, eps: float) -> torch.T
 class LabelSmoothing(Method):
     """Szegedy et al. 2016, Rethinking the Inception Architecture: label smoothing, a teacher-free regulariser."""
 
+    official_code = "- (Szegedy et al. 2016 label smoothing; no teacher)"
+
     needs_teacher = False
     term_names = ("ls",)
 

@@ -35,6 +35,8 @@ class PKT(Method):
     several pairs are summed), `eps`; the term `pkt` is weighted by `beta`.
     """
 
+    official_code = "RepDistiller distiller_zoo/PKT.py"
+
     term_names = ("pkt",)
 
     def __init__(self, cfg, student, teacher, num_classes):

@@ -66,6 +66,8 @@ class RKD(Method):
     all N^2 pairs and N^3 triplets, degenerate ones (i = j, j = k) included.
     """
 
+    official_code = "RepDistiller distiller_zoo/RKD.py"
+
     term_names = ("rkd",)
 
     def __init__(self, cfg, student, teacher, num_classes):

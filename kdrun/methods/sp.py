@@ -31,6 +31,8 @@ class SP(Method):
     RepDistiller's feat[-2]; several pairs are summed, as there); the term `sp` is weighted by `beta`.
     """
 
+    official_code = "RepDistiller distiller_zoo/SP.py"
+
     term_names = ("sp",)
 
     def __init__(self, cfg, student, teacher, num_classes):
