@@ -1,45 +1,60 @@
 """Passalis, Tzelepi & Tefas 2020, "Heterogeneous Knowledge Distillation using Information Flow Modeling"
-(CVPR 2020; official code passalis/pkth).
+(CVPR 2020; official code passalis/pkth, whose cifar10/exp0..exp2 scripts this follows).
 
-The run has two stages. `aux`: an auxiliary network (the student's architecture, wider) learns from the
-teacher by Hinton KD. `main`: the student learns the auxiliary network's information flow: at every tapped
-layer, the conditional probabilities of a kernel over the batch are matched with a Jeffreys divergence.
+Stages, as the official pipeline:
+- `aux_ce` (`aux_ce_epochs`, 0 skips it): the auxiliary network learns from the labels alone
+  (exp0_train_base.py trains `Cifar_Tiny` with CE; `models/tiny_cifar10.model`);
+- `aux` (`aux_epochs`): the auxiliary network learns from the teacher with the same flow divergence on one
+  layer pair, the embeddings (`aux_pair`, weight `aux_beta`), and no CE (exp1_train_aux.py: layers (3,)
+  and (3,), weight 1, kernel 'combined');
+- `main`: the student, from scratch, learns the frozen auxiliary network's information flow on every pair
+  (exp2_proposed.py).
+The auxiliary network is the student's architecture with every width times `aux_width` 2 (ifm_aux.py;
+the official `Cifar_Tiny` is `Cifar_Very_Tiny` doubled).
 
-Where the paper and the official code differ, this follows the code (nn/pkt_transfer.py, loss 'combined'):
-- two kernels, each row-normalised into conditional probabilities and each giving a Jeffreys divergence
-  averaged over the N^2 entries, summed: the cosine kernel (cos + 1) / 2 and the Student-t kernel
-  1 / (1 + d) with d = sqrt(||x_i - x_j||^2 + 1e-6); the rows include the i = j entry (the paper's sum
-  runs over i != j);
-- features are flattened as they are (no pooling);
-- the critical-period weights: the last layer 1, the others alpha_init * gamma^k in the k-th epoch of the
-  stage (the official script starts at 100; methods.md's alpha_init 1 is the default here).
-The auxiliary network is trained by KD (as methods.md specifies); the official script instead fine-tunes a
-pre-trained auxiliary network with the probabilistic loss on the last layer only.
-Layer matching: the last student layer is paired with the last auxiliary layer; every other student layer
-with the auxiliary layer of least divergence on the current batch (a min over a stacked tensor: the
-gradient reaches the chosen pair only, and nothing is read back to the host).
-Weight: neither the paper nor methods.md gives one (the official student learns from IFM alone with Adam,
-where the scale does not matter). Beside CE, beta 1000 puts the weighted terms near CE at the start of the
-main stage (per layer ~1e-4 to 4e-4 on digits), as PKT's 30000 does for its smaller KL.
+The divergence (nn/pkt_transfer.py `prob_loss`, kernel and loss 'combined'): two kernels, each
+row-normalised into conditional probabilities (the rows include the i = j entry; the paper's sum runs over
+i != j), each giving a Jeffreys divergence averaged over the N^2 entries, summed: the cosine kernel
+(cos + 1) / 2 and the Student-t kernel 1 / (1 + d), d = sqrt(||x_i - x_j||^2 + 1e-6). Features are flattened
+as they are (no pooling). Logs are floored at 1e-30 (the official code has no floor: a cosine kernel of 0,
+from opposite vectors, would give NaN there).
+
+Pairing (`matching`): `order` (default) pairs `layers[i]` with `aux_layers[i]` one to one, as the official
+`zip` of student layers (3, 2, 1, 0) with teacher layers (3, 2, 1, 0); `divergence` pairs the last with the
+last and every other student layer with the auxiliary layer of least divergence on the batch (a min over
+a stacked tensor: the gradient reaches the chosen pair only).
+
+Critical-period weights (exp2_proposed.py): the last pair weighs 1, the others `alpha_init * gamma^k` in the
+k-th main epoch counted from 0 (the official weight starts at init_weight=100 and is multiplied by
+decay=0.7 after each epoch), each times `beta`.
+
+Differences that remain: the networks are kdrun's (e.g. CIFAR ResNets) rather than the official 3-conv
+nets and pre-activation ResNet-18 teacher; every stage uses the run's optimizer and schedule (`aux_lr`
+sets the aux stages' lr), where the official code uses Adam at lr 1e-3 (aux_ce: 50 epochs, then 30 at
+1e-4; aux: 30 epochs, then 10 at 1e-4; main: 50 epochs at 1e-3 with a fresh Adam every epoch); the student
+keeps kdrun's CE term (weight 1) beside the flow terms, where the official student learns from them alone
+(`method.ce_weight=0`). With Adam the scale of the loss does not matter; beside CE and SGD it does, hence
+`beta` 100 (digits, resnet26 -> resnet8, 10 epochs per stage, 3 seeds: last accuracy 97.2% at beta 1000,
+99.2% at 100, 98.9% at 10, CE alone 98.9%; at 1000 the first main epoch's CE rises to 4.6).
 """
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import ListConfig, OmegaConf
 from torch import nn
 
 from kdrun.errors import ConfigError
 from kdrun.features import FeatureTap, feature_shapes
 from kdrun.methods.base import Forward, Method, Stage, StepOutput
+from kdrun.methods.common import config_number, full_precision
+from kdrun.methods.ifm_aux import auxiliary_model, build_auxiliary
 from kdrun.methods.kd import kd_loss
 from kdrun.methods.registry import register_method
-from kdrun.methods.common import config_number, full_precision
-from kdrun.models import MODELS, create_model, model_options
 
-AUX_STAGE = "aux"
+AUX_CE_STAGE, AUX_STAGE = "aux_ce", "aux"
+AUX_STAGES = (AUX_CE_STAGE, AUX_STAGE)
+MATCHINGS = ("order", "divergence")
 COSINE_EPS = 1e-6  # added to the norm before dividing, as the official code
 DISTANCE_EPS = 1e-6  # added to the squared distance before the square root, as the official code
 LOG_FLOOR = 1e-30  # a cosine kernel value is exactly 0 only for opposite vectors; keep its log finite
@@ -88,48 +103,9 @@ def matched_divergence(probs_s: tuple[torch.Tensor, ...], candidates: list[tuple
     return torch.stack([flow_divergence(probs_s, probs_t) for probs_t in candidates]).min()
 
 
-WRN_NAME = re.compile(r"wrn_(\d+)_(\d+)")
-
-
-def wider_names(student: str) -> list[str]:
-    """Registered-name patterns of a wider variant of the same architecture, most specific first."""
-    names = [f"{student}x4"]  # resnet8 -> resnet8x4, resnet32 -> resnet32x4
-    if student.endswith("_half"):
-        names.append(student.removesuffix("_half"))  # mobilenetv2_half -> mobilenetv2
-    wrn = WRN_NAME.fullmatch(student)
-    if wrn:
-        names.append(f"wrn_{wrn[1]}_{2 * int(wrn[2])}")  # wrn_16_1 -> wrn_16_2
-    return names
-
-
-def wider_sibling(student: str, student_options: dict) -> tuple[str, dict]:
-    """The student's architecture, wider: (model name, options that make it wider) - a registered width
-    variant, or the same model with twice its `width_mult`."""
-    if "width_mult" in student_options:
-        return student, {"width_mult": 2 * float(student_options["width_mult"])}
-    for name in wider_names(student):
-        if name in MODELS:
-            return name, {}
-    raise ConfigError(f"method.aux_model=auto is not allowed for student={student}: no wider variant of it is "
-                      "registered; name the auxiliary model, e.g. method.aux_model=resnet8x4")
-
-
-def auxiliary_model(method_cfg, student_cfg) -> tuple[str, dict]:
-    """The auxiliary network's model name and options: `aux_model` (or the student's wider sibling for
-    `auto`), with the student's options where the model takes them, overridden by `aux_options`."""
-    student = OmegaConf.to_container(student_cfg, resolve=True)
-    student_options = {k: v for k, v in student.items() if k in model_options(student["name"])}
-    given = method_cfg.get("aux_options") or {}
-    if not isinstance(given, DictConfig | dict):
-        raise ConfigError(f"method.aux_options={given} is not allowed: give a mapping of model options")
-    given = OmegaConf.to_container(given, resolve=True) if isinstance(given, DictConfig) else dict(given)
-    name, widening = method_cfg.get("aux_model") or "auto", {}
-    if name == "auto":
-        name, widening = wider_sibling(student["name"], student_options)
-    elif name not in MODELS:
-        raise ConfigError(MODELS.unknown_message(name, key="method.aux_model"))
-    inherited = {k: v for k, v in student_options.items() if k in model_options(name)}
-    return name, {**inherited, **widening, **given}
+def critical_weight(epoch: int, alpha_init: float = 100.0, gamma: float = 0.7) -> float:
+    """Weight of the non-last layers in the `epoch`-th main epoch counted from 0: alpha_init * gamma^epoch."""
+    return float(alpha_init) * float(gamma) ** max(int(epoch), 0)
 
 
 def layer_list(cfg, key: str) -> list[str]:
@@ -140,16 +116,30 @@ def layer_list(cfg, key: str) -> list[str]:
     return [str(v) for v in value]
 
 
+def aux_pair(cfg) -> tuple[str, str]:
+    """`method.aux_pair`: the [auxiliary layer, teacher layer] of the aux stage's flow term."""
+    value = cfg.get("aux_pair")
+    if not (isinstance(value, (list, ListConfig)) and len(value) == 2 and all(isinstance(v, str) and v for v in value)):
+        raise ConfigError(f"method.aux_pair={value} is not allowed: give [auxiliary layer, teacher layer], "
+                          "e.g. method.aux_pair=[pool,pool]")
+    return str(value[0]), str(value[1])
+
+
 @register_method("ifm")
 class IFM(Method):
     """Passalis et al. 2020, Heterogeneous KD using Information Flow Modeling: an auxiliary network, then flow matching.
 
-    Keys: `layers` (student) and `aux_layers` (auxiliary network), the last of each paired together;
-    `aux_model` (`auto`: the student's wider sibling) with `aux_options`; `aux_epochs` of the `aux` stage and
-    its KD weight `aux_alpha` (temperature `T`); `alpha_init`, `gamma` (critical-period weights). Each
-    student layer's term `ifm_<layer>` is weighted by `beta` times its critical-period weight; `alpha` adds
-    Hinton KD from the auxiliary network (the main stage's teacher).
+    Keys: `layers` (student) and `aux_layers` (auxiliary network), paired by `matching` (order: one to one);
+    `alpha_init`, `gamma` (critical-period weights of the non-last pairs); `aux_model` (`auto`: the
+    student's) times `aux_width` in channels, with `aux_options`; `aux_ce_epochs` of the `aux_ce` stage
+    (CE alone); `aux_epochs` of the `aux` stage, whose loss is `aux_ce_weight` CE + `aux_alpha` KD_T +
+    `aux_beta` flow divergence on `aux_pair`; `aux_lr` of both aux stages. Each student layer's term
+    `ifm_<layer>` is weighted by `beta` times its critical-period weight; `alpha` adds Hinton KD from the
+    auxiliary network (the main stage's teacher).
     """
+
+    official_code = ("passalis/pkth (cifar10/exp0-exp2, nn/pkt_transfer.py); differs: the run's optimizer "
+                     "(there Adam, lr 1e-3), CE kept beside the flow terms")
 
     def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None, num_classes: int):
         super().__init__(cfg, student, teacher, num_classes)
@@ -159,20 +149,39 @@ class IFM(Method):
 
     @classmethod
     def configure(cls, cfg) -> None:
-        """Check the stage settings and record the resolved auxiliary model before anything is built."""
+        """Check the settings and record the resolved auxiliary model before anything is built."""
         method = cfg.method
+        config_number(method, "aux_ce_epochs", 0, minimum=0, integer=True)
         config_number(method, "aux_epochs", 1, minimum=1, integer=True)
-        config_number(method, "alpha_init", 1.0)
+        config_number(method, "alpha_init", 100.0)
         config_number(method, "gamma", 0.7)
-        if not 0 <= config_number(method, "aux_alpha", 0.9) <= 1:
+        config_number(method, "aux_width", 2.0, strict=True)
+        config_number(method, "aux_ce_weight", 0.0)
+        config_number(method, "aux_beta", 1.0)
+        if not 0 <= config_number(method, "aux_alpha", 0.0) <= 1:
             raise ConfigError(f"method.aux_alpha={method.aux_alpha} is not allowed: must lie in [0, 1]")
-        layer_list(method, "layers")
-        layer_list(method, "aux_layers")
+        if method.get("aux_lr") is not None:
+            config_number(method, "aux_lr", 0.0, strict=True)
+        if not any(float(method.get(k, 0.0)) for k in ("aux_ce_weight", "aux_alpha", "aux_beta")):
+            raise ConfigError("method.aux_beta=0 is not allowed with aux_ce_weight=0 and aux_alpha=0: the aux "
+                              "stage would learn nothing")
+        matching = method.get("matching", "order")
+        if matching not in MATCHINGS:
+            raise ConfigError(f"method.matching={matching} is not allowed: one of {', '.join(MATCHINGS)}")
+        layers, aux_layers = layer_list(method, "layers"), layer_list(method, "aux_layers")
+        if matching == "order" and len(layers) != len(aux_layers):
+            raise ConfigError(f"method.aux_layers has {len(aux_layers)} layers, method.layers {len(layers)}: "
+                              "method.matching=order pairs them one to one (or use method.matching=divergence)")
+        aux_pair(method)
         method.aux_model, method.aux_options = auxiliary_model(method, cfg.student)
 
     # ----- stages ---------------------------------------------------------------------------------------
     def stages(self, epochs: int) -> list[Stage]:
-        return [Stage(AUX_STAGE, int(self.cfg.aux_epochs)), Stage("main", epochs)]
+        lr = self.cfg.get("aux_lr")
+        lr = None if lr is None else float(lr)
+        aux_ce_epochs = int(self.cfg.get("aux_ce_epochs", 0))
+        stages = [Stage(AUX_CE_STAGE, aux_ce_epochs, lr=lr)] if aux_ce_epochs else []
+        return stages + [Stage(AUX_STAGE, int(self.cfg.aux_epochs), lr=lr), Stage("main", epochs)]
 
     def begin_stage(self, stage: Stage) -> None:
         super().begin_stage(stage)
@@ -183,26 +192,32 @@ class IFM(Method):
         self._stage_epoch += 1
 
     def trainable_parameters(self, stage: Stage):
-        return (self.aux if stage.name == AUX_STAGE else self.student).parameters()
+        return (self.aux if stage.name in AUX_STAGES else self.student).parameters()
 
     def eval_models(self) -> dict[str, nn.Module]:
-        return {"aux": self.aux} if self.stage == AUX_STAGE else {"student": self.student}
+        return {"aux": self.aux} if self.stage in AUX_STAGES else {"student": self.student}
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.aux is not None and self.stage != AUX_STAGE:
+        if self.aux is not None and self.stage not in AUX_STAGES:
             self.aux.eval()  # the auxiliary network teaches the main stage frozen, like any teacher
         return self
 
     # ----- weights --------------------------------------------------------------------------------------
     def critical_weight(self) -> float:
         """alpha_init * gamma^k in the k-th epoch (from 0) of the main stage."""
-        return float(self.cfg.alpha_init) * float(self.cfg.gamma) ** max(self._stage_epoch, 0)
+        return critical_weight(self._stage_epoch, self.cfg.alpha_init, self.cfg.gamma)
+
+    def aux_weights(self) -> dict[str, float]:
+        if self.stage == AUX_CE_STAGE:
+            return {"aux_ce": 1.0}
+        weights = {"aux_ce": float(self.cfg.get("aux_ce_weight", 0.0)), "aux_kd": float(self.cfg.get("aux_alpha", 0.0)),
+                   "aux_ifm": float(self.cfg.get("aux_beta", 0.0))}
+        return {name: w for name, w in weights.items() if w != 0.0}
 
     def weights(self) -> dict[str, float]:
-        if self.stage == AUX_STAGE:
-            aux_alpha = float(self.cfg.aux_alpha)
-            return {"aux_ce": 1.0 - aux_alpha, "aux_kd": aux_alpha}
+        if self.stage in AUX_STAGES:
+            return self.aux_weights()
         weights = super().weights()
         beta = float(self.cfg.get("beta", 1.0))
         layers = layer_list(self.cfg, "layers")
@@ -215,27 +230,42 @@ class IFM(Method):
     def student_layers(self) -> list[str]:
         return layer_list(self.cfg, "layers")
 
+    def teacher_layers(self) -> list[str]:
+        return [aux_pair(self.cfg)[1]] if float(self.cfg.get("aux_beta", 0.0)) else []
+
+    def aux_tap_layers(self) -> list[str]:
+        return list(dict.fromkeys([*layer_list(self.cfg, "aux_layers"), aux_pair(self.cfg)[0]]))
+
     def prepare(self, input_shape) -> None:
         device = next(self.student.parameters()).device
-        self.aux = create_model(self.cfg.aux_model, self.num_classes, input_shape[0],
-                                **OmegaConf.to_container(self.cfg.aux_options, resolve=True)).to(device)
-        aux_layers = layer_list(self.cfg, "aux_layers")
-        feature_shapes(self.aux, aux_layers, input_shape)  # refuses unknown layer names up front
+        options = OmegaConf.to_container(self.cfg.aux_options, resolve=True)
+        self.aux = build_auxiliary(self.cfg.aux_model, options, float(self.cfg.get("aux_width", 2.0)),
+                                   self.num_classes, input_shape[0]).to(device)
+        feature_shapes(self.aux, self.aux_tap_layers(), input_shape)  # refuses unknown layer names up front
         super().prepare(input_shape)
-        self._aux_tap = FeatureTap(self.aux, aux_layers)
+        self._aux_tap = FeatureTap(self.aux, self.aux_tap_layers())
 
     # ----- steps ----------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        if self.stage == AUX_STAGE:
+        if self.stage in AUX_STAGES:
             return self._aux_step(images, labels)
         return self._flow_step(images, labels, index)
 
     def _aux_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
-        with torch.inference_mode():
-            t_logits = self.teacher(images)
-        t_logits = t_logits.clone()
-        aux_logits, _ = self._aux_tap(images)
-        terms = {"aux_ce": F.cross_entropy(aux_logits, labels), "aux_kd": kd_loss(aux_logits, t_logits, self.T)}
+        weights = self.aux_weights()
+        aux_logits, aux_feats = self._aux_tap(images)
+        terms = {}
+        if "aux_ce" in weights:
+            terms["aux_ce"] = F.cross_entropy(aux_logits, labels)
+        if "aux_kd" in weights or "aux_ifm" in weights:
+            with torch.inference_mode():
+                t_logits, t_feats = self._teacher_tap(images)
+            if "aux_kd" in weights:
+                terms["aux_kd"] = kd_loss(aux_logits, t_logits.clone(), self.T, self.kl_reduction)
+            if "aux_ifm" in weights:
+                aux_layer, teacher_layer = aux_pair(self.cfg)
+                with full_precision(images.device):
+                    terms["aux_ifm"] = ifm_loss(aux_feats[aux_layer], t_feats[teacher_layer].clone())
         return StepOutput(terms, aux_logits)
 
     def _flow_step(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
@@ -254,6 +284,8 @@ class IFM(Method):
 
     def _flow_terms(self, fw: Forward) -> dict[str, torch.Tensor]:
         layers, aux_layers = layer_list(self.cfg, "layers"), layer_list(self.cfg, "aux_layers")
+        if self.cfg.get("matching", "order") == "order":
+            return {f"ifm_{s}": ifm_loss(fw.s_feats[s], fw.t_feats[a]) for s, a in zip(layers, aux_layers)}
         aux_probs = [conditional_probabilities(fw.t_feats[name]) for name in aux_layers]
         terms = {}
         for layer in layers[:-1]:
