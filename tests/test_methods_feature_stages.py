@@ -59,9 +59,9 @@ def read_rows(result: dict) -> list[dict]:
 
 @pytest.mark.parametrize("name, expected", [
     ("ft", {"beta": 200.0, "init_epochs": 30, "init_lr": None, "rate": 0.5, "p": 1, "alpha": 0.0, "pairs": [["last", "last"]]}),
-    ("fsp", {"beta": 1.0, "init_epochs": 30, "init_lr": None, "alpha": 0.0, "pairs": [["stem", "s1"], ["s1", "s2"], ["s2", "s3"]]}),
-    ("ofd", {"beta": 1e-3, "alpha": 0.0, "pairs": [["s1_pre", "s1_pre"], ["s2_pre", "s2_pre"], ["s3_pre", "s3_pre"]]}),
-    ("vid", {"beta": 1.0, "alpha": 0.0, "pairs": [["s1", "s1"], ["s2", "s2"], ["s3", "s3"]], "init_pred_var": 5.0,
+    ("fsp", {"beta": 1.0, "init_epochs": 30, "init_lr": None, "alpha": 0.0, "pairs": "auto"}),
+    ("ofd", {"beta": 1e-3, "alpha": 0.0, "pairs": "auto"}),
+    ("vid", {"beta": 1.0, "alpha": 0.0, "pairs": "auto", "init_pred_var": 5.0,
              "eps": 1e-5}),
 ])
 def test_yaml_defaults(name, expected):

@@ -75,10 +75,10 @@ DEFAULTS = {
     "ls": {"eps": 0.1},
     "dkd": {"ce_weight": 1.0, "dkd_alpha": 1.0, "dkd_beta": 8.0, "T": 4.0, "warmup": 20, "alpha": 0.0},
     "fitnet": {"pairs": [["s2", "s2"]], "beta": 100.0, "alpha": 0.0, "hint_epochs": 0},
-    "at": {"pairs": [["s1", "s1"], ["s2", "s2"], ["s3", "s3"]], "beta": 1000.0, "p": 2},
-    "nst": {"pairs": [["s1", "s1"], ["s2", "s2"], ["s3", "s3"]], "beta": 50.0},
-    "ab": {"init_epochs": 30, "init_lr": None, "margin": 1.0, "pairs": [["s1_pre", "s1_pre"], ["s2_pre", "s2_pre"],
-                                                         ["s3_pre", "s3_pre"]]},
+    # auto: every stage of the model family, as RepDistiller's feat[1:-1] (tests/test_default_layers.py)
+    "at": {"pairs": "auto", "beta": 1000.0, "p": 2},
+    "nst": {"pairs": "auto", "beta": 50.0},
+    "ab": {"init_epochs": 30, "init_lr": None, "margin": 1.0, "pairs": "auto"},
 }
 
 

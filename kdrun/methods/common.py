@@ -1,13 +1,18 @@
-"""Helpers that several methods share: reading the method's numbers and pairs, pooling, full precision."""
+"""Helpers that several methods share: reading the method's numbers and pairs, default stage pairs, a
+student's head, pooling, full precision."""
 from __future__ import annotations
 
 import contextlib
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.features import layer_pairs, pair_error
+from kdrun.features import STAGE_ALIAS, layer_pairs, model_device, model_label, pair_error, resolve_layer
+
+AUTO = "auto"  # `method.pairs=auto` (or null): the stages of both models, as RepDistiller's feat[1:-1]
 
 
 def single_pair(cfg, method: str) -> tuple[str, str]:
@@ -63,3 +68,90 @@ def init_stage_lr(cfg) -> float | None:
     if cfg.get("init_lr") is None:
         return None
     return config_number(cfg, "init_lr", 0.0, strict=True)
+
+
+# ----- default pairs from the models' stages ------------------------------------------------------------------
+def stage_aliases(model: nn.Module) -> list[str]:
+    """The model's stage aliases in order (`s1, s2, s3` for CIFAR ResNets, WRNs and ShuffleNets; `s1 .. s4` for
+    VGG, MobileNetV2 and ResNet18/34/50): the maps of RepDistiller's `feat[1:-1]`."""
+    stages = [a for a in getattr(model, "feature_aliases", {}) if STAGE_ALIAS.fullmatch(a)]
+    return sorted(stages, key=lambda a: int(a[1:]))
+
+
+def is_auto(value) -> bool:
+    return value is None or (isinstance(value, str) and value == AUTO)
+
+
+def stage_lists(method: str, student: nn.Module, teacher: nn.Module,
+                example: Callable[[list[str], list[str]], str], align_last: bool = False) -> tuple[list[str], list[str]]:
+    """The student's and the teacher's stage aliases, to be paired index by index. Refused in one line when
+    the counts differ (naming both, with `example(s_stages, t_stages)` of all stages suggesting explicit pairs),
+    unless `align_last`: then the last k of each, k the smaller count."""
+    s_stages, t_stages = stage_aliases(student), stage_aliases(teacher)
+    for model, stages in ((student, s_stages), (teacher, t_stages)):
+        if not stages:
+            raise ConfigError(f"method.pairs={AUTO} is not allowed for {method} with {model_label(model)}: it has "
+                              "no stage aliases (s1, s2, ...); give method.pairs")
+    k = min(len(s_stages), len(t_stages))
+    if len(s_stages) != len(t_stages) and not align_last:
+        raise ConfigError(f"method.pairs={AUTO} is not allowed for {method}: student {model_label(student)} has "
+                          f"{len(s_stages)} stages and teacher {model_label(teacher)} has {len(t_stages)}, so they "
+                          f"do not pair stage by stage; give method.pairs, e.g. "
+                          f"'method.pairs={example(s_stages, t_stages)}'")
+    return s_stages[-k:], t_stages[-k:]
+
+
+def stage_pairs(cfg, method: str, student: nn.Module, teacher: nn.Module, suffix: str = "",
+                align_last: bool = False) -> list[tuple[str, str]]:
+    """`method.pairs`, where `auto` (or null) pairs stage i of the student with stage i of the teacher, every
+    stage (`s1..sN`, or `s1_pre..sN_pre` with `suffix` "_pre"): RepDistiller's `feat[1:-1]`, three maps for the
+    CIFAR ResNets, WRNs and ShuffleNets, four for VGG, MobileNetV2 and ResNet18/34/50."""
+    value = cfg.get("pairs")
+    if not is_auto(value):
+        if isinstance(value, str):
+            raise ConfigError(f"method.pairs={value} is not allowed: {AUTO}, or a non-empty list of [student, "
+                              "teacher] layer names, e.g. [[s2,s2],[s3,s3]]")
+        return layer_pairs(value)
+
+    def example(s_stages, t_stages):  # the last k stages of each
+        k = min(len(s_stages), len(t_stages))
+        return "[" + ",".join(f"[{s}{suffix},{t}{suffix}]" for s, t in zip(s_stages[-k:], t_stages[-k:])) + "]"
+
+    s_stages, t_stages = stage_lists(method, student, teacher, example, align_last)
+    return [(s + suffix, t + suffix) for s, t in zip(s_stages, t_stages)]
+
+
+# ----- a student's head: what RepDistiller's get_feat_modules() leaves out -------------------------------------
+@torch.no_grad()
+def head_modules(model: nn.Module, input_shape: Sequence[int]) -> list[nn.Module]:
+    """The modules of `model` that first run after its deepest stage output (`sN`): WRN's final BN, MobileNetV2's
+    and ShuffleNetV2's 1x1 head conv, the classifier. The others are RepDistiller's `get_feat_modules()` (stem
+    and stages) for every family; found by the order modules start in one dummy forward. A model without stage
+    aliases has no known head: []."""
+    stages = stage_aliases(model)
+    if not stages:
+        return []
+    last, take_input = resolve_layer(model, stages[-1])
+    started: list[nn.Module] = []
+    cut: list[int] = []
+
+    def on_start(module, _args):
+        started.append(module)
+
+    def on_cut(*_):
+        cut.append(len(started))
+
+    handles = [m.register_forward_pre_hook(on_start) for m in model.modules()]
+    handles.append(last.register_forward_pre_hook(on_cut, prepend=True) if take_input
+                   else last.register_forward_hook(on_cut))
+    was_training = model.training
+    try:
+        model.eval()(torch.zeros(2, *input_shape, device=model_device(model)))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    first: dict[nn.Module, int] = {}
+    for i, module in enumerate(started):
+        first.setdefault(module, i)
+    return [m for m, i in first.items() if i >= cut[0]]

@@ -13,7 +13,7 @@ from kdrun.errors import ConfigError
 from kdrun.features import format_shape, model_label
 from kdrun.methods.base import Forward, Method, Stage
 from kdrun.methods.registry import register_method
-from kdrun.methods.common import init_stage_lr, config_number
+from kdrun.methods.common import config_number, head_modules, init_stage_lr, is_auto, stage_lists
 
 INIT_STAGE = "fsp"
 
@@ -42,12 +42,31 @@ def _layer_couple(entry) -> Layers | None:
     return None
 
 
-def fsp_pairs(cfg) -> list[tuple[Layers, Layers]]:
+def stage_flows(student: nn.Module, teacher: nn.Module) -> list[tuple[Layers, Layers]]:
+    """`pairs: auto`: each stage's input and output, stem->s1, s1->s2, ..., s(N-1)->sN on both nets, as
+    RepDistiller's FSP over feat[:-1] (3 matrices for CIFAR ResNets, WRNs and ShuffleNets, 4 for VGG,
+    MobileNetV2 and ResNet18/34/50); different stage counts are refused, as RepDistiller's assert."""
+
+    def flows(stages):
+        return list(zip(["stem", *stages[:-1]], stages))
+
+    def example(s_stages, t_stages):  # the last k flows of each
+        k = min(len(s_stages), len(t_stages))
+        entries = [f"[[{a},{b}],[{c},{d}]]" for (a, b), (c, d) in zip(flows(s_stages)[-k:], flows(t_stages)[-k:])]
+        return "[" + ",".join(entries) + "]"
+
+    s_stages, t_stages = stage_lists("fsp", student, teacher, example)
+    return list(zip(flows(s_stages), flows(t_stages)))
+
+
+def fsp_pairs(cfg, student: nn.Module, teacher: nn.Module) -> list[tuple[Layers, Layers]]:
     """`method.pairs` as [((student_first, student_second), (teacher_first, teacher_second)), ...].
 
-    An entry `[s1, s2]` takes the matrix between s1 and s2 on both nets; `[[s1, s2], [s2, s3]]` names the
-    student's layers first, then the teacher's."""
+    `auto` (or null) is `stage_flows` of the two models. An entry `[s1, s2]` takes the matrix between s1 and s2
+    on both nets; `[[s1, s2], [s2, s3]]` names the student's layers first, then the teacher's."""
     value = cfg.get("pairs")
+    if is_auto(value):
+        return stage_flows(student, teacher)
     entries = value if isinstance(value, (list, tuple, ListConfig)) and value else [None]
     pairs = []
     for entry in entries:
@@ -60,8 +79,8 @@ def fsp_pairs(cfg) -> list[tuple[Layers, Layers]]:
             if s and t:
                 pairs.append((s, t))
                 continue
-        raise ConfigError(f"method.pairs={value} is not allowed: give a non-empty list of [first, second] layers "
-                          "(the same on both nets) or [[student_first, student_second], [teacher_first, "
+        raise ConfigError(f"method.pairs={value} is not allowed: give auto, or a non-empty list of [first, second] "
+                          "layers (the same on both nets) or [[student_first, student_second], [teacher_first, "
                           "teacher_second]], e.g. method.pairs=[[stem,s1],[s1,s2],[s2,s3]]")
     return pairs
 
@@ -78,17 +97,26 @@ class FSP(Method):
 
     Two stages, as RepDistiller: stage `fsp` trains the student on the FSP term alone for `init_epochs`
     (the classifier gets no gradient there), then stage `main` is ordinary training (CE, plus KD when
-    `alpha` > 0) with no FSP term. Keys: `pairs` (see `fsp_pairs`; default stem->s1, s1->s2, s2->s3, each
-    stage's input and output), `init_epochs` (30). The term `fsp` is the sum over pairs of `fsp_loss`,
+    `alpha` > 0) with no FSP term. Keys: `pairs` (see `fsp_pairs`; default `auto`: each stage's input and
+    output, stem->s1, ..., s(N-1)->sN, as RepDistiller's feat[:-1]; different stage counts are refused in one
+    line naming both), `init_epochs` (30). The term `fsp` is the sum over pairs of `fsp_loss`,
     weighted by `beta` (1: RepDistiller sums its init-stage terms unweighted; its `-b 50` flag, the 50 often
     quoted for FSP, never reaches them). FSP compares matrices entry by entry, so each
     pair's channel counts must be equal on both nets; other pairs are refused.
+
+    As RepDistiller's init() with `get_feat_modules()`, the fsp stage trains the stem and stages only; the
+    student's head (modules run after its last stage: WRN's final BN, a 1x1 head conv, the classifier) is
+    left out of the optimizer and kept in eval mode.
     """
+
+    official_code = ("RepDistiller distiller_zoo/FSP.py over feat[:-1], helper/pretrain.py::init "
+                     "(get_feat_modules: the head in eval mode); beta 1, as -b never reaches init()")
 
     def __init__(self, cfg, student, teacher, num_classes):
         super().__init__(cfg, student, teacher, num_classes)
-        self.pairs = fsp_pairs(cfg)
+        self.pairs = fsp_pairs(cfg, student, teacher)
         self.init_epochs = config_number(cfg, "init_epochs", 30, integer=True)
+        self._head: tuple[nn.Module, ...] = ()  # the student's modules outside get_feat_modules()
 
     def student_layers(self) -> list[str]:
         return list(dict.fromkeys(name for s, _ in self.pairs for name in s))
@@ -107,6 +135,7 @@ class FSP(Method):
                 raise ConfigError(f"method.pairs: FSP matrices cannot be compared: student "
                                   f"{_matrix_text(self.student, s, s_shapes)} but teacher "
                                   f"{_matrix_text(self.teacher, t, t_shapes)}; pair layers of equal channel counts")
+        self._head = tuple(head_modules(self.student, self.input_shape))
 
     def stages(self, epochs: int) -> list[Stage]:
         init = [Stage(INIT_STAGE, self.init_epochs, lr=init_stage_lr(self.cfg), constant_lr=True)] if self.init_epochs > 0 else []
@@ -123,7 +152,17 @@ class FSP(Method):
         return self.stage == INIT_STAGE or self.weights().get("kd", 0.0) > 0
 
     def trainable_parameters(self, stage: Stage) -> Iterator[nn.Parameter]:
-        return self.student.parameters()
+        if stage.name != INIT_STAGE:
+            return self.student.parameters()
+        head = {p for m in self._head for p in m.parameters()}
+        return iter([p for p in self.student.parameters() if p not in head])
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.stage == INIT_STAGE:
+            for module in self._head:
+                module.eval()
+        return self
 
     def method_terms(self, fw: Forward) -> dict[str, torch.Tensor]:
         if self.stage != INIT_STAGE:

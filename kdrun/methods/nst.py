@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdrun.features import layer_pairs
-from kdrun.methods.common import require_feature_maps, pool_to_common_size
+from kdrun.methods.common import pool_to_common_size, require_feature_maps, stage_pairs
 from kdrun.methods.base import Forward, Method
 from kdrun.methods.registry import register_method
 
@@ -30,13 +29,19 @@ class NST(Method):
     """Huang & Wang 2017, Like What You Like: Neuron Selectivity Transfer (MMD, polynomial kernel).
 
     As RepDistiller: each channel's activations over positions are l2-normalised, the kernel is (a.b)^2, and
-    the larger map is average-pooled to the smaller one's size. The default pairs every stage (s1, s2, s3), summed, as RepDistiller's feat[1:-1]."""
+    the larger map is average-pooled to the smaller one's size. The default `pairs: auto` takes every stage
+    output, summed, as RepDistiller's feat[1:-1] (s1..s3 for CIFAR ResNets, WRNs and ShuffleNets; s1..s4 for VGG,
+    MobileNetV2 and ResNet18/34/50); explicit `method.pairs` are used as given.
+    A student and teacher with different stage counts (resnet32x4 -> vgg8: 3 and 4) are refused in one
+    line naming both counts: give `method.pairs` (RepDistiller's zip would silently pair the first k)."""
 
     term_names = ("nst",)
+    official_code = ("RepDistiller distiller_zoo/NST.py, feat[1:-1] (train_student.py); unequal stage counts "
+                     "refused instead of zip's first-k pairing")
 
     def __init__(self, cfg, student, teacher, num_classes):
         super().__init__(cfg, student, teacher, num_classes)
-        self.pairs = layer_pairs(cfg.get("pairs"))
+        self.pairs = stage_pairs(cfg, "nst", student, teacher)
 
     def build(self, s_shapes, t_shapes) -> None:
         for s, t in self.pairs:

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.features import FeatureTap, layer_pairs, model_device, model_label, pair_error
+from kdrun.features import FeatureTap, model_device, model_label, pair_error
 from kdrun.methods.base import Forward, Method
-from kdrun.methods.common import require_feature_maps
+from kdrun.methods.common import require_feature_maps, stage_pairs
 from kdrun.methods.registry import register_method
 
 # Below this probability of a negative response the conditional mean is numerically meaningless; the
@@ -140,8 +140,11 @@ def connector(s_channels: int, t_channels: int) -> nn.Sequential:
 class OFD(Method):
     """Heo et al. 2019, A Comprehensive Overhaul of Feature Distillation: pre-ReLU features, margin ReLU, partial L2.
 
-    Keys: `pairs` (student, teacher) pre-ReLU layers, default s1_pre, s2_pre, s3_pre (mdistiller's
-    preact_feats[1:]). The teacher's margin per channel comes from the BN that produces its feature
+    Keys: `pairs` (student, teacher) pre-ReLU layers, default `auto`: every stage's pre-ReLU feature, as
+    mdistiller's preact_feats[1:] (s1_pre..s3_pre for CIFAR ResNets, WRNs and ShuffleNets; s1_pre..s4_pre for
+    VGG, MobileNetV2 and ResNet18/34/50). With different stage counts (wrn_16_2 -> vgg8: 3 and 4) the last k
+    stages of each are paired, as mdistiller's `_align_list` does (kdrun takes each margin from the BN of the
+    teacher layer actually paired). The teacher's margin per channel comes from the BN that produces its feature
     (`feeding_batchnorm`; a teacher layer without one, such as a ShuffleNetV2 stage, whose closing BN covers
     half the channels, is refused as the official code refuses that teacher), recomputed every step so it
     follows the trained teacher. The term `ofd` sums `ofd_loss` over the pairs, pair i of n weighted by
@@ -153,10 +156,12 @@ class OFD(Method):
     """
 
     term_names = ("ofd",)
+    official_code = ("mdistiller mdistiller/distillers/OFD.py (preact_feats[1:], the last k stages when counts "
+                     "differ); the teacher stays in eval mode, not train mode as there")
 
     def __init__(self, cfg, student, teacher, num_classes):
         super().__init__(cfg, student, teacher, num_classes)
-        self.pairs = layer_pairs(cfg.get("pairs"))
+        self.pairs = stage_pairs(cfg, "ofd", student, teacher, suffix="_pre", align_last=True)
         self.connectors = nn.ModuleList()
         self._margin_bns: tuple[nn.BatchNorm2d, ...] = ()  # the teacher's: a tuple keeps them out of this module
 

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.features import layer_pairs, model_device
+from kdrun.features import model_device
 from kdrun.methods.base import Forward, Method
 from kdrun.methods.registry import register_method
-from kdrun.methods.common import require_feature_maps, config_number, pool_to_common_size
+from kdrun.methods.common import config_number, pool_to_common_size, require_feature_maps, stage_pairs
 
 
 def conv1x1(cin: int, cout: int) -> nn.Conv2d:
@@ -52,17 +52,22 @@ class VIDLoss(nn.Module):
 class VID(Method):
     """Ahn et al. 2019, Variational Information Distillation: Gaussian likelihood of the teacher's features.
 
-    Keys: `pairs` (student, teacher) layers, default s1, s2, s3 (RepDistiller's feat[1:-1]); `init_pred_var`
-    (5.0) and `eps` (1e-5) of the variance. One `VIDLoss` per pair with mid channels = the teacher's
-    channels, as in RepDistiller; its regressor and `log_scale` train with the student. The term `vid`
-    is the sum over pairs, weighted by `beta`.
+    Keys: `pairs` (student, teacher) layers, default `auto`: every stage output, as RepDistiller's feat[1:-1]
+    (s1..s3 for CIFAR ResNets, WRNs and ShuffleNets; s1..s4 for VGG, MobileNetV2 and ResNet18/34/50);
+    `init_pred_var` (5.0) and `eps` (1e-5) of the variance. One `VIDLoss` per pair with mid channels = the
+    teacher's channels, as in RepDistiller; its regressor and `log_scale` train with the student. The term
+    `vid` is the sum over pairs, weighted by `beta`. A student and teacher with different stage counts
+    (resnet32x4 -> vgg8: 3 and 4) are refused in one line naming both counts: give `method.pairs`
+    (RepDistiller's zip would silently pair the first k).
     """
 
     term_names = ("vid",)
+    official_code = ("RepDistiller distiller_zoo/VID.py, feat[1:-1] (train_student.py); unequal stage counts "
+                     "refused instead of zip's first-k pairing")
 
     def __init__(self, cfg, student, teacher, num_classes):
         super().__init__(cfg, student, teacher, num_classes)
-        self.pairs = layer_pairs(cfg.get("pairs"))
+        self.pairs = stage_pairs(cfg, "vid", student, teacher)
         self.init_pred_var = config_number(cfg, "init_pred_var", 5.0, strict=True)
         self.eps = config_number(cfg, "eps", 1e-5, strict=True)
         if self.init_pred_var <= self.eps:
