@@ -1,8 +1,10 @@
 """`kdrun compare [DIR ...]`: one row per configuration, seeds aggregated, from every result.json below DIRs.
 
 The pipeline is load and check records (`kdrun.compare_records`) -> select (`--where`) -> set repeats of
-one configuration and seed aside -> group (detected or `--by` keys) and aggregate with pandas -> render
-(rich table, CSV, Markdown, LaTeX) with what was left out listed below, and optionally plot (`kdrun.plots`).
+one configuration and seed aside -> choose the statistic (`--metric`, else the one the runs record as
+`compare_metric`) -> group (detected or `--by` keys) and aggregate with pandas -> render (rich table, CSV,
+Markdown, LaTeX) with what was left out listed below, and optionally plot (`kdrun.plots`). The statistic
+drives the title, the first accuracy column, the delta, the bold row, `--sort` and the bar chart.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from kdrun.compare_records import (FINISHED, KEPT, METRICS, REPEAT, RUN_DIR, Unreadable, identity_keys,
-                                   is_missing, load_records, split_repeats)
+from kdrun.compare_records import (FINISHED, KEPT, METRICS, RECORDED_METRIC, REPEAT, RUN_DIR, STATISTICS, Unreadable,
+                                   identity_keys, is_missing, load_records, recorded_metric, split_repeats)
 from kdrun.errors import ConfigError, OneLineParser
 
 FORMATS = ("table", "csv", "markdown", "latex")
@@ -36,7 +38,7 @@ SHARED_WITH_BASELINE = (*BASELINE_KEYS, "seed", "device")
 # Outcomes and bookkeeping: nothing to group by.
 OUTCOME_KEYS = ("run_id", "status", "error", "best_acc", "best_epoch", "last_acc", "wall_s", "teacher_acc",
                 "teacher_source", "teacher_sha256", "config_hash", "run_dir", "peer_acc", "best_peer", "device",
-                "chain", "finished_at", "updated_at")
+                "chain", "finished_at", "updated_at", RECORDED_METRIC)
 MISSING = "-"
 LEFT_OUT_COLUMNS = ("status", "run_id", "method", "student", "seed", "error")
 MAX_TABLE_WIDTH = 10_000
@@ -48,8 +50,9 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--where", action="append", default=[], metavar="KEY=A[,B]",
                         help="keep runs whose KEY is one of the values (repeatable; all must hold)")
     parser.add_argument("--by", metavar="KEY[,KEY]", help="group by exactly these keys (seeds still aggregated)")
-    parser.add_argument("--metric", default="best_acc", choices=METRICS,
-                        help="metric for the delta, --sort and the plots (default: best_acc)")
+    parser.add_argument("--metric", choices=METRICS,
+                        help="the statistic of the table: its first accuracy column, the delta, the bold row, --sort "
+                             "and the plots (default: the one the runs record as compare_metric, else best_acc)")
     parser.add_argument("--sort", action="store_true", help="sort by the metric, best first (default: by keys)")
     parser.add_argument("--format", default="table", choices=FORMATS, help="output format (default: table)")
     parser.add_argument("--out", metavar="FILE", help="write the table to FILE instead of stdout")
@@ -68,6 +71,7 @@ def compare_command(args: list[str]) -> int:
     selected = select(runs, where)
     done, repeats = split_repeats(completed(selected))
     keys = parse_by(opts.by, runs) if opts.by else detect_group_keys(done)
+    opts.metric, metric_note = (opts.metric, None) if opts.metric else recorded_metric(done)
     baseline_pool, _ = split_repeats(completed(select(runs, [(key, values) for key, values in where
                                                               if key in SHARED_WITH_BASELINE])))
     summary = aggregate(done, keys, opts.metric, baseline_means(baseline_pool, opts.metric))
@@ -77,6 +81,8 @@ def compare_command(args: list[str]) -> int:
     emit(summary, keys, opts)
     # The table format prints its notes below the table; the file formats keep stdout to the data.
     notes = Console(stderr=not (opts.format == "table" and opts.out is None))
+    if metric_note:
+        print_lines(notes, [metric_note])
     report_left_out(selected[selected["status"] != "completed"], notes)
     report_repeats(repeats, keys, notes)
     report_unreadable(loaded.unreadable, notes)
@@ -176,10 +182,10 @@ def recipe_column(runs: pd.DataFrame) -> pd.Series:
 
 
 def aggregate(done: pd.DataFrame, keys: list[str], metric: str, baselines: dict[str, float]) -> pd.DataFrame:
-    """One row per configuration: n, mean and sample std (ddof=1) of best and last accuracy, mean teacher
-    accuracy, and the delta of the mean `metric` to the baseline trained with the same recipe."""
-    columns = [*keys, "n", "best_acc_mean", "best_acc_std", "last_acc_mean", "last_acc_std", "teacher_acc_mean",
-               f"delta_{metric}", RUN_DIR]
+    """One row per configuration: n, mean and sample std (ddof=1) of best and last accuracy (`metric` first),
+    mean teacher accuracy, and the delta of the mean `metric` to the baseline trained with the same recipe."""
+    columns = [*keys, "n", *(f"{m}_{stat}" for m in metric_order(metric) for stat in ("mean", "std")),
+               "teacher_acc_mean", f"delta_{metric}", RUN_DIR]
     if done.empty:
         return pd.DataFrame(columns=columns)
     frame = done.assign(_recipe=recipe_column(done))
@@ -194,6 +200,11 @@ def aggregate(done: pd.DataFrame, keys: list[str], metric: str, baselines: dict[
     baseline = summary["_recipe"].map(lambda recipe: baselines.get(recipe, math.nan))
     summary[f"delta_{metric}"] = summary[f"{metric}_mean"] - baseline.astype(float)
     return summary[columns]
+
+
+def metric_order(metric: str) -> list[str]:
+    """The accuracy statistics, the table's own first."""
+    return [metric, *(m for m in METRICS if m != metric)]
 
 
 def sort_summary(summary: pd.DataFrame, keys: list[str], metric: str, by_metric: bool) -> pd.DataFrame:
@@ -242,8 +253,9 @@ def display_frame(summary: pd.DataFrame, keys: list[str], metric: str) -> pd.Dat
     """The summary as text cells, as the table, Markdown and LaTeX show it."""
     shown = pd.DataFrame({key: summary[key].map(format_value) for key in keys})
     shown["n"] = summary["n"].astype(int).astype(str)
-    shown["best acc"] = [format_mean_std(m, s) for m, s in zip(summary["best_acc_mean"], summary["best_acc_std"])]
-    shown["last acc"] = [format_mean_std(m, s) for m, s in zip(summary["last_acc_mean"], summary["last_acc_std"])]
+    for name in metric_order(metric):  # best_acc -> "best acc"
+        shown[name.replace("_", " ")] = [format_mean_std(m, s) for m, s in
+                                         zip(summary[f"{name}_mean"], summary[f"{name}_std"])]
     shown["teacher acc"] = summary["teacher_acc_mean"].map(format_number)
     shown[delta_header(metric)] = summary[f"delta_{metric}"].map(lambda v: format_number(v, True))
     return shown
@@ -279,10 +291,12 @@ def emit(summary: pd.DataFrame, keys: list[str], opts: argparse.Namespace) -> No
 def rich_table(summary: pd.DataFrame, keys: list[str], metric: str) -> Table:
     shown = display_frame(summary, keys, metric)
     runs = int(summary["n"].sum())
-    table = Table(title=f"kdrun compare: {plural(len(summary), 'configuration')}, {plural(runs, 'completed run')}",
+    table = Table(title=f"kdrun compare: {STATISTICS[metric]} ({metric}), {plural(len(summary), 'configuration')}, "
+                        f"{plural(runs, 'completed run')}",
                   caption=f"mean ± sample std (ddof=1) over seeds; n counts each seed once (of repeats, runs with "
                           f"the same configuration and seed, the newest is kept); {delta_header(metric)}: mean "
-                          f"{metric} minus that of {BASELINE_METHOD} with the same {', '.join(BASELINE_KEYS)}")
+                          f"{metric} minus that of {BASELINE_METHOD} with the same {', '.join(BASELINE_KEYS)}; "
+                          f"bold: the best mean {metric}")
     for index, column in enumerate(shown.columns):
         table.add_column(column, justify="left" if index < len(keys) else "right", no_wrap=True)
     best = summary[f"{metric}_mean"].idxmax() if summary[f"{metric}_mean"].notna().any() else None

@@ -20,6 +20,9 @@ from kdrun.errors import ConfigError
 RESULT_FILE = "result.json"
 TEACHER_CACHE_DIR = "teachers"
 METRICS = ("best_acc", "last_acc")
+DEFAULT_METRIC = "best_acc"
+RECORDED_METRIC = "compare_metric"  # the statistic a run's recipe reports (RepDistiller: last epoch), in its record
+STATISTICS = {"best_acc": "best-epoch accuracy", "last_acc": "last-epoch accuracy"}  # what a table shows, in words
 REQUIRED_KEYS = ("status", "method", "student")
 # What makes a configuration; `method.*` keys are inserted after beta. Seeds are what gets aggregated.
 IDENTITY_KEYS = ("method", "teacher", "student", "dataset", "T", "alpha", "beta", "epochs", "teacher_epochs",
@@ -165,6 +168,20 @@ def finished_time(record: dict, path: Path) -> float:
             except ValueError:
                 pass
     return path.stat().st_mtime
+
+
+def recorded_metric(done: pd.DataFrame) -> tuple[str, str | None]:
+    """The statistic the runs record as `compare_metric` (what their recipe's paper reports) when they agree;
+    else best_acc and the one line that says why."""
+    if done.empty or RECORDED_METRIC not in done.columns:
+        return DEFAULT_METRIC, None
+    # Records from before the key existed were made under its default.
+    recorded = done[RECORDED_METRIC].map(lambda v: DEFAULT_METRIC if is_missing(v) else str(v)).value_counts()
+    if len(recorded) == 1 and recorded.index[0] in METRICS:
+        return recorded.index[0], None
+    counts = ", ".join(f"{value} ({n} run{'s' if n != 1 else ''})" for value, n in sorted(recorded.items()))
+    return DEFAULT_METRIC, (f"{RECORDED_METRIC}: the runs record {counts}; the table shows {DEFAULT_METRIC}; "
+                            f"choose with --metric {'|'.join(METRICS)}")
 
 
 def identity_keys(columns) -> list[str]:

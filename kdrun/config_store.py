@@ -4,6 +4,7 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 
 from kdrun.models import MODELS, model_options
+from kdrun.resolvers import register_resolvers
 
 
 def teacher_node(name: str) -> dict:
@@ -23,6 +24,7 @@ def student_node(name: str) -> dict:
 
 
 def register_model_groups() -> None:
+    register_resolvers()  # and the ${kdrun.*} resolvers of the shipped recipes, wherever a config is composed
     store = ConfigStore.instance()
     for name in MODELS.names():
         store.store(group="teacher", name=name, node=teacher_node(name))

@@ -89,7 +89,7 @@ def prepare(cfg: DictConfig) -> Plan:
 def config_hash(cfg: DictConfig) -> str:
     """Identity of a run's configuration (where its outputs go does not count)."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("results_dir", "run_dir", "device", "skip_completed", "resume"):
+    for key in ("results_dir", "run_dir", "device", "skip_completed", "resume", "compare_metric"):
         container.pop(key, None)
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -124,6 +124,7 @@ def base_record(cfg: DictConfig, run_dir: Path, device: str) -> dict:
         "teacher_acc": None, "teacher_source": None, "teacher_sha256": None,
         "best_acc": None, "best_epoch": None, "last_acc": None, "wall_s": None, "device": device,
         "config_hash": config_hash(cfg), "run_dir": str(run_dir), "host": socket.gethostname(), "pid": os.getpid(),
+        "compare_metric": cfg.get("compare_metric", "best_acc"),  # the statistic `kdrun compare` shows by default
     }
 
 

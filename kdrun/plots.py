@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 METRICS_FILE = "metrics.csv"
-METRIC_AXIS = {"best_acc": "best test accuracy (%)", "last_acc": "last-epoch test accuracy (%)"}
+METRIC_AXIS = {"best_acc": "best-epoch test accuracy (%)", "last_acc": "last-epoch test accuracy (%)"}
 BASELINE_COLOR, METHOD_COLOR = "0.6", "tab:blue"
 ACCURACY_MAX = 100.0
 MIN_MARGIN = 1.0  # points of accuracy left below the lowest bar end, at the least
@@ -57,7 +57,8 @@ def bar_chart(path: Path, labels: list[str], means: list[float], stds: list[floa
                                                                      if start > 0 else ""))
     if start > 0:
         mark_broken_axis(axes)
-    axes.set_title(f"{metric} per configuration" + (" (grey: no-KD baseline)" if any(baseline) else ""))
+    axes.set_title(f"{METRIC_AXIS[metric].removesuffix(' (%)')} ({metric}) per configuration"
+                   + (" (grey: no-KD baseline)" if any(baseline) else ""))
     axes.grid(axis="x", alpha=0.3)
     save(figure, path)
     return figure

@@ -127,6 +127,28 @@ def test_metric_drives_the_delta(results, capsys):
     assert "delta_best_acc" not in table.columns
     assert row(table, method="kd", student="resnet14")["delta_last_acc"] == pytest.approx(90.0 - 91.0)
     assert row(table, method="kd", student="resnet8")["delta_last_acc"] == pytest.approx(93.0 - 90.0)
+    assert list(table.columns[4:8]) == ["last_acc_mean", "last_acc_std", "best_acc_mean", "best_acc_std"]
+
+
+@pytest.mark.parametrize("metric, statistic, columns, bold", [
+    ("best_acc", "best-epoch accuracy", ["best acc", "last acc"], ("kd", "resnet14")),  # best 95
+    ("last_acc", "last-epoch accuracy", ["last acc", "best acc"], ("kd", "resnet8")),   # last 93
+])
+def test_metric_drives_title_columns_and_bold_row(results, capsys, monkeypatch, metric, statistic, columns, bold):
+    from kdrun import compare as compare_module
+
+    tables, draw = [], compare_module.rich_table
+    monkeypatch.setattr(compare_module, "rich_table", lambda *args: tables.append(draw(*args)) or tables[-1])
+    code, out, _ = compare(capsys, str(results), "--metric", metric)
+    table = tables[0]
+    assert code == 0 and table.title.startswith(f"kdrun compare: {statistic} ({metric}), 4 configurations")
+    assert statistic in out
+    headers = [column.header for column in table.columns]
+    assert headers[4:6] == columns and headers[-1] == f"Δ {metric.removesuffix('_acc')} vs ce"
+    cells = {(table.columns[0]._cells[i], table.columns[2]._cells[i]): r.style for i, r in enumerate(table.rows)}
+    assert [key for key, style in cells.items() if style == "bold"] == [bold]
+    _, out, _ = compare(capsys, str(results), "--metric", metric, "--format", "markdown")
+    assert out.splitlines()[0].startswith(f"| method | teacher | student | n | {columns[0]} | {columns[1]} |")
 
 
 def test_where_selects_and_keeps_the_baseline_for_the_delta(results, capsys):

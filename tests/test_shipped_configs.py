@@ -10,11 +10,12 @@ from kdrun.paths import conf_dir
 EXPERIMENTS = {
     "repdistiller_cifar100": dict(dataset="cifar100", teacher="resnet32x4", student="resnet8x4", epochs=240, T=4.0),
     "ruffy_cifar10_resnet8": dict(dataset="cifar10", teacher="resnet26", student="resnet8", epochs=200, T=5.0),
-    "takd_cifar100": dict(dataset="cifar100", teacher="resnet110", student="resnet8", epochs=240, T=4.0),
+    "takd_cifar100": dict(dataset="cifar100", teacher="resnet110", student="resnet8", epochs=160, T=5.0),
     "tfkd_poor_teacher": dict(dataset="cifar100", teacher="resnet18", student="mobilenetv2", epochs=200, T=20.0),
     "tfkd_reverse_kd": dict(dataset="cifar100", teacher="mobilenetv2", student="resnet18", epochs=200, T=20.0),
 }
-SWEEP_JOBS = {"all_methods": 18 * 3, "teacher_sizes": 8 * 3, "t_alpha_grid": 5 * 3 * 3, "ta_chains": 5 * 3}
+SWEEP_JOBS = {"all_methods": 18 * 3, "teacher_sizes": 8 * 3, "t_alpha_grid": 5 * 3 * 3, "ta_chains": 5 * 3,
+              "kd_as_init": 5 * 3, "no_residual_students": 3 * 2 * 3}
 
 
 @pytest.mark.parametrize("name, expected", EXPERIMENTS.items())

@@ -1,0 +1,55 @@
+"""OmegaConf resolvers the shipped recipes use for protocol values that depend on the chosen models.
+
+`${kdrun.repdistiller_lr:${student.name}}` is RepDistiller's learning rate for that model and
+`${kdrun.dkd_beta:${method.name},${teacher.name},${student.name}}` mdistiller's DKD beta for that pair, so that
+`kdrun +experiment=repdistiller_cifar100 method=dkd teacher=resnet56 student=resnet20` runs the published
+protocol without hand-set values. They are registered wherever the config is composed
+(`kdrun.config_store.register_model_groups`); Hydra hands registered resolvers on to joblib and submitit
+workers with its singleton state.
+"""
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+# RepDistiller train_student.py and train_teacher.py: `if model in ['MobileNetV2', 'ShuffleV1', 'ShuffleV2']:
+# learning_rate = 0.01` (else the --learning_rate default 0.05). Its MobileNetV2 is mobile_half (width 0.5).
+REPDISTILLER_LR = 0.05
+REPDISTILLER_LOW_LR = 0.01
+REPDISTILLER_LOW_LR_MODELS = ("mobilenetv2", "mobilenetv2_half", "shufflenetv1", "shufflenetv2")
+
+# mdistiller configs/cifar100/dkd/<teacher>_<student>.yaml, DKD.BETA; the files that set none use
+# mdistiller/engine/cfg.py's CFG.DKD.BETA = 8.0 (res32x4_res8x4, res32x4_shuv1, res32x4_shuv2, res50_mv2,
+# wrn40_2_shuv1).
+DKD_DEFAULT_BETA = 8.0
+DKD_BETA = {
+    ("resnet56", "resnet20"): 2.0,       # res56_res20.yaml
+    ("resnet110", "resnet32"): 2.0,      # res110_res32.yaml
+    ("wrn_40_2", "wrn_16_2"): 6.0,       # wrn40_2_wrn_16_2.yaml
+    ("wrn_40_2", "wrn_40_1"): 6.0,       # wrn40_2_wrn_40_1.yaml
+    ("vgg13", "vgg8"): 6.0,              # vgg13_vgg8.yaml
+    ("vgg13", "mobilenetv2"): 6.0,       # vgg13_mv2.yaml (mdistiller's MobileNetV2 is mobile_half)
+    ("vgg13", "mobilenetv2_half"): 6.0,
+}
+
+
+def repdistiller_lr(model: str) -> float:
+    """RepDistiller's initial learning rate for `model`, as a student and as a teacher."""
+    return REPDISTILLER_LOW_LR if str(model) in REPDISTILLER_LOW_LR_MODELS else REPDISTILLER_LR
+
+
+def dkd_beta(method: str, teacher: str, student: str) -> float | None:
+    """mdistiller's DKD beta (NCKD weight) for the pair; None for methods other than dkd, which have no
+    such key of their own."""
+    if str(method) != "dkd":
+        return None
+    return DKD_BETA.get((str(teacher), str(student)), DKD_DEFAULT_BETA)
+
+
+RESOLVERS = {"kdrun.repdistiller_lr": repdistiller_lr, "kdrun.dkd_beta": dkd_beta}
+
+
+def register_resolvers() -> None:
+    """Register the `kdrun.*` resolvers (again: a no-op)."""
+    for name, function in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
