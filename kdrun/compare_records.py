@@ -34,6 +34,12 @@ REPEAT = "_repeat"  # in the repeats listing: which configuration and seed a run
 KEPT = "_kept"  # in the repeats listing: the repeat that stays in the mean
 JSON_KINDS = ((bool, "a boolean"), (numbers.Number, "a number"), (str, "a string"), (list, "an array"))
 
+# Always shown when they vary, even when another shown key already tells the rows apart.
+CORE_KEYS = ("method", "teacher", "student", "dataset")
+BASELINE_METHOD = "ce"
+# A baseline must have trained the same student the same way, so that the delta measures the teacher alone.
+BASELINE_KEYS = ("student", "dataset", "epochs", "batch_size", "lr", "precision")
+
 
 class UnusableRecord(Exception):
     """A result.json that is not a usable run record; the message says why."""
@@ -236,3 +242,8 @@ def plain(value):
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def metric_order(metric: str) -> list[str]:
+    """The accuracy statistics, the table's own first."""
+    return [metric, *(m for m in METRICS if m != metric)]

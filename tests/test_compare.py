@@ -135,7 +135,7 @@ def test_metric_drives_the_delta(results, capsys):
     ("last_acc", "last-epoch accuracy", ["last acc", "best acc"], ("kd", "resnet8")),   # last 93
 ])
 def test_metric_drives_title_columns_and_bold_row(results, capsys, monkeypatch, metric, statistic, columns, bold):
-    from kdrun import compare as compare_module
+    from kdrun import compare_render as compare_module
 
     tables, draw = [], compare_module.rich_table
     monkeypatch.setattr(compare_module, "rich_table", lambda *args: tables.append(draw(*args)) or tables[-1])
