@@ -15,7 +15,7 @@ EXPERIMENTS = {
     "tfkd_reverse_kd": dict(dataset="cifar100", teacher="mobilenetv2", student="resnet18", epochs=200, T=20.0),
 }
 SWEEP_JOBS = {"all_methods": 18 * 3, "teacher_sizes": 8 * 3, "t_alpha_grid": 5 * 3 * 3, "ta_chains": 5 * 3,
-              "kd_as_init": 5 * 3, "no_residual_students": 3 * 2 * 3}
+              "kd_as_init": 5 * 3, "no_residual_students": 3 * 2 * 3, "linear_theory": 6 * 3 * 3}
 
 
 @pytest.mark.parametrize("name, expected", EXPERIMENTS.items())
@@ -41,7 +41,7 @@ def test_sweeps_expand_to_the_intended_jobs(name, jobs):
     overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
     count = 1
     for override in overrides:
-        count *= len(list(override.sweep_iterator()))
+        count *= len(list(override.sweep_iterator())) if override.is_sweep_override() else 1
     assert count == jobs
     compose_config(f"+sweep={name}")  # and the file composes with the main config
 

@@ -2,7 +2,7 @@
 from kdrun.data.registry import DATASETS, ImageData, register_dataset
 from kdrun.data.imagefolder import FolderData, FolderLoader
 from kdrun.data.loader import TensorLoader, make_loaders
-from kdrun.data import cifar, digits, imagefolder, mnist  # noqa: F401  (registers datasets)
+from kdrun.data import cifar, digits, imagefolder, linear_teacher, mnist  # noqa: F401  (registers datasets)
 
 
 def load_dataset(cfg) -> ImageData | FolderData:

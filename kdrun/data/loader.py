@@ -12,7 +12,8 @@ from kdrun.data.registry import ImageData
 
 
 class TensorLoader:
-    """Shuffled (train) or ordered (test) batches of a uint8 tensor dataset, augmented on its device.
+    """Shuffled (train) or ordered (test) batches of a uint8 tensor dataset (or of float32 feature vectors,
+    N x D x 1 x 1, taken as they are), augmented on its device.
 
     Reproducible: the shuffling and augmentation draw from one generator seeded by `seed`.
     """
@@ -55,7 +56,10 @@ class TensorLoader:
                 images = random_crop(images, self.crop_padding, self.generator)
             if self.hflip:
                 images = random_hflip(images, self.generator)
-            yield normalize(images, self.mean, self.std), self.labels[index], index
+            if images.is_floating_point():  # float features (N x D x 1 x 1): no [0, 255] scale to undo
+                yield (images - self.mean) / self.std, self.labels[index], index
+            else:
+                yield normalize(images, self.mean, self.std), self.labels[index], index
 
 
 def make_loaders(data: ImageData | FolderData, batch_size: int, device, seed: int,

@@ -30,7 +30,11 @@ def register_dataset(name: str, description: str | None = None, shape: tuple[int
 
 @dataclass
 class ImageData:
-    """A whole dataset as uint8 image tensors (N, C, H, W) with int64 labels, plus how to augment it."""
+    """A whole dataset as uint8 image tensors (N, C, H, W) with int64 labels, plus how to augment it.
+
+    Real-valued feature vectors (synthetic sets such as `linear_teacher`) come as float32 N x D x 1 x 1:
+    normalised with `mean`/`std` as they are (no division by 255), never cropped or flipped.
+    """
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -53,10 +57,16 @@ class ImageData:
     def __post_init__(self):
         for split, images, labels in (("train", self.train_images, self.train_labels),
                                       ("test", self.test_images, self.test_labels)):
-            if images.dtype != torch.uint8 or images.ndim != 4:
+            if images.dtype == torch.float32:
+                if images.ndim != 4 or tuple(images.shape[2:]) != (1, 1) or self.crop_padding or self.hflip:
+                    raise ValueError(f"{split} features must be float32 N x D x 1 x 1 without crop or flip, got "
+                                     f"{tuple(images.shape)}, crop_padding={self.crop_padding}, hflip={self.hflip}")
+            elif images.dtype != torch.uint8 or images.ndim != 4:
                 raise ValueError(f"{split} images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
             if len(images) != len(labels):
                 raise ValueError(f"{split}: {len(images)} images but {len(labels)} labels")
+        if self.train_images.dtype != self.test_images.dtype:
+            raise ValueError(f"train images are {self.train_images.dtype}, test images {self.test_images.dtype}")
 
 
 def dataset_root(cfg, needs: str) -> tuple[str, Path]:

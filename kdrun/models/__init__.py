@@ -7,5 +7,6 @@ from kdrun.models import mobilenetv2  # noqa: F401
 from kdrun.models import shufflenetv1  # noqa: F401
 from kdrun.models import shufflenetv2  # noqa: F401
 from kdrun.models import resnetv2  # noqa: F401
+from kdrun.models import linear  # noqa: F401
 
 __all__ = ["MODELS", "create_model", "model_options", "register_model"]
