@@ -69,3 +69,13 @@ def test_ls_methods_names_the_official_code(capsys):
     assert run_cli("ls", "methods") == 0
     out = capsys.readouterr().out
     assert "follows" in out and "RepDistiller" in out
+
+
+def test_the_readme_names_the_official_code_of_every_method():
+    from kdrun.methods import METHODS
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name in METHODS.names():
+        code = METHODS.get(name).official_code
+        assert code, f"{name} does not say which official code it follows"
+        assert f"| `{name}` | {code.replace('|', chr(92) + '|')} |" in readme, name
