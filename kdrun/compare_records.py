@@ -191,8 +191,10 @@ def recorded_metric(done: pd.DataFrame) -> tuple[str, str | None]:
 
 
 def identity_keys(columns) -> list[str]:
-    method_keys = sorted(c for c in columns if c.startswith("method."))
-    ordered = [*IDENTITY_KEYS[:7], *method_keys, *IDENTITY_KEYS[7:]]
+    """The keys that make a configuration: the fixed ones with the method's, dataset's and models' options
+    (`method.*`, `dataset.*`, `teacher.*`, `student.*`) after beta."""
+    options = sorted(c for c in columns if c.startswith(("method.", "dataset.", "teacher.", "student.")))
+    ordered = [*IDENTITY_KEYS[:7], *options, *IDENTITY_KEYS[7:]]
     return [key for key in ordered if key in columns]
 
 

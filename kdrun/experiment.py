@@ -28,7 +28,7 @@ from kdrun.results import METRICS_FILE, RESULT_FILE, read_result, write_metrics,
 from kdrun.resume import DamagedCheckpoint, DeviceMismatch, restore_training, training_state
 from kdrun.run_dir import RunLock, choose_run_dir
 from kdrun.storage import check_output_space
-from kdrun.teachers import check_snapshot_epoch, model_options_of, resolve_teacher
+from kdrun.teachers import DATASET_LOCATION_KEYS, check_snapshot_epoch, model_options_of, resolve_teacher
 from kdrun.train import NonFiniteLoss, TrainSettings, fit
 from kdrun.validate import check_config, check_data_fits, resolve_device
 
@@ -111,12 +111,17 @@ def base_record(cfg: DictConfig, run_dir: Path, device: str) -> dict:
     uses_teacher = METHODS.get(cfg.method.name).needs_teacher
     method_keys = {f"method.{k}": v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items()
                    if k not in ("name", "T", "alpha", "beta")}
+    # Dataset and model options (`dataset.n_train`, `student.residual`) too, so that compare can group by them.
+    dataset_keys = {f"dataset.{k}": v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
+                    if k not in ("name", *DATASET_LOCATION_KEYS)}
+    model_keys = {f"{role}.{k}": v for role in ("teacher", "student") if role == "student" or uses_teacher
+                  for k, v in model_options_of(cfg[role]).items()}
     return {
         "run_id": run_dir.name, "status": "running", "error": None,
         "method": cfg.method.name, "teacher": cfg.teacher.name if uses_teacher else None,
         "student": cfg.student.name, "dataset": cfg.dataset.name, "seed": cfg.seed,
         "T": cfg.method.get("T"), "alpha": cfg.method.get("alpha"), "beta": cfg.method.get("beta"),
-        **method_keys,
+        **method_keys, **dataset_keys, **model_keys,
         "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.optim.lr, "precision": cfg.precision,
         "teacher_epochs": cfg.teacher.epochs if uses_teacher else None,
         "teacher_snapshot_epoch": cfg.teacher.get("snapshot_epoch") if uses_teacher else None,

@@ -12,8 +12,8 @@ and repeats of one configuration are left out as `kdrun compare` leaves them out
   P w* itself (what the student tends to with unlimited steps).
 
 It writes RESULTS_DIR/table.md (one row per angle density and n, mean ± sample std over the data seeds) and
-RESULTS_DIR/risk_vs_n.png. `kdrun compare` cannot make this table: result.json records no dataset keys, so
-it would put every n and density in one row.
+RESULTS_DIR/risk_vs_n.png. `kdrun compare RESULTS_DIR --by dataset.angle_density,dataset.n_train` gives the
+accuracies alone; the weight-space columns need the checkpoints, hence this script.
 """
 from __future__ import annotations
 

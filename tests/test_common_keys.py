@@ -79,3 +79,12 @@ def test_the_readme_names_the_official_code_of_every_method():
         code = METHODS.get(name).official_code
         assert code, f"{name} does not say which official code it follows"
         assert f"| `{name}` | {code.replace('|', chr(92) + '|')} |" in readme, name
+
+
+def test_records_carry_dataset_and_model_options_for_compare(kdrun):
+    _, (record,) = kdrun("student.residual=false")
+    assert record["student.residual"] is False and "teacher.residual" in record
+    assert "dataset.root" not in record
+    from kdrun.compare_records import identity_keys
+
+    assert "student.residual" in identity_keys(record.keys())
