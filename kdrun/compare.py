@@ -166,7 +166,10 @@ def baseline_means(runs: pd.DataFrame, metric: str) -> dict[str, float]:
 
 
 def recipe_column(runs: pd.DataFrame) -> pd.Series:
-    keys = [key for key in BASELINE_KEYS if key in runs.columns]
+    """The training recipe a baseline must share: BASELINE_KEYS plus the student's and the dataset's options
+    (a no-residual student is compared with the no-residual baseline)."""
+    options = sorted(c for c in runs.columns if c.startswith(("student.", "dataset.")))
+    keys = [key for key in (*BASELINE_KEYS, *options) if key in runs.columns]
     return runs[keys].apply(lambda row: json.dumps([format_value(v) for v in row]), axis=1)
 
 

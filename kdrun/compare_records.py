@@ -88,7 +88,14 @@ def nothing_usable(dirs: list[str], unreadable: list[Unreadable]) -> str:
     return f"{count} below {where} cannot be used: {first.path}: {first.reason}{more}"
 
 
+# Keys every method has since they were declared; records written before carry their value implicitly.
+IMPLICIT_DEFAULTS = {"method.kl_reduction": "batchmean"}
+
+
 def normalise(runs: pd.DataFrame) -> pd.DataFrame:
+    for key, default in IMPLICIT_DEFAULTS.items():
+        if key in runs.columns:
+            runs[key] = runs[key].where(runs[key].notna() | runs["method"].isna(), default)
     for key in identity_keys(runs.columns):
         runs[key] = runs[key].map(hashable)
     for key in (*METRICS, "teacher_acc"):

@@ -10,6 +10,7 @@ import torch
 
 from conftest import FAST, compose_config, run_cli
 from kdrun.experiment import prepare
+from kdrun.methods.base import Stage
 
 
 def method_of(*overrides: str):
@@ -61,8 +62,33 @@ def test_kd_until_epoch_trains_on_ce_alone_afterwards(kdrun):
     assert rows[0]["loss_kd"] != "" and rows[1]["loss_kd"] == rows[2]["loss_kd"] == ""
     assert float(rows[1]["train_loss"]) == pytest.approx(float(rows[1]["loss_ce"]))  # CE at weight 1, alone
     method = method_of("method.kd_until_epoch=1")
+    method.begin_stage(Stage("main", 3))
+    method.begin_epoch(1)
     method.begin_epoch(2)
     assert method.step_weights() == {"ce": 1.0, "kd": 0.0} and not method.uses_teacher_outputs()
+
+
+def test_kd_until_epoch_counts_the_main_stage_only_and_keeps_supervised_terms():
+    method = method_of("method=fitnet", "method.hint_epochs=5", "method.kd_until_epoch=2", "method.alpha=0.5")
+    for stage in method.stages(4):
+        method.begin_stage(stage)
+        for _ in range(stage.epochs):
+            method.begin_epoch(method.epoch + 1)
+            if stage.name == "hint" or method.stage_epoch <= 2:
+                assert method.distilling() and method.step_weights() == method.weights()
+            else:
+                assert method.step_weights() == {"ce": 1.0, "kd": 0.0, "hint": 0.0}
+    rocket = method_of("method=rocket", "teacher=resnet14", "method.kd_until_epoch=0")
+    rocket.begin_stage(Stage("main", 1))
+    rocket.begin_epoch(1)
+    assert rocket.step_weights() == {"ce": 1.0, "ce_booster": 1.0, "hint": 0.0}
+
+
+def test_fixed_weight_methods_honour_ce_weight_and_ls_refuses_it(kdrun, capsys):
+    assert method_of("method=dml", "method.ce_weight=0.5").weights()["ce"] == 0.5
+    assert method_of("method=cskd", "method.ce_weight=0.5").weights()["ce"] == 0.5
+    code, _ = kdrun("method=ls", "method.ce_weight=0.5")
+    assert code == 2 and "method.ce_weight=0.5 is not allowed with method=ls" in capsys.readouterr().err
 
 
 def test_ls_methods_names_the_official_code(capsys):

@@ -445,3 +445,15 @@ def test_table_cells_never_fold_in_a_narrow_terminal(results, capsys, monkeypatc
     lines = main.splitlines()
     for cell in ("94.00 ± 1.00", "93.00 ± 1.73", "wide_resnet_16_2_long_name", "resnet26", "+3.00"):
         assert any(cell in line for line in lines), cell
+
+
+def test_the_baseline_shares_the_students_options(tmp_path, capsys):
+    """A no-residual kd student is compared with the no-residual ce baseline, not with both ce variants."""
+    root = tmp_path / "results"
+    for seed, (residual, method, acc) in enumerate([(True, "ce", 95.0), (False, "ce", 90.0), (False, "kd", 92.0)]):
+        write_run(root, record(method, "resnet20", seed, best_acc=acc, last_acc=acc, **{"student.residual": residual},
+                               run_id=f"{method}_{residual}", config_hash=f"{method}{residual}"))
+    code = run_cli("compare", str(root), "--format", "csv")
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    kd = table[table["method"] == "kd"].iloc[0]
+    assert code == 0 and kd["delta_best_acc"] == pytest.approx(2.0)

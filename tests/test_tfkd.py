@@ -166,7 +166,9 @@ def test_tfkd_self_defaults_are_the_authors_mobilenetv2_run():
 
 def test_tfkd_self_kd_until_epoch_still_drops_the_scaled_kd():
     method = plan_for("method=tfkd_self", "method.multiplier=50", "method.kd_until_epoch=2").method
-    method.begin_epoch(3)
+    method.begin_stage(method.stages(3)[-1])
+    for epoch in (1, 2, 3):
+        method.begin_epoch(epoch)
     assert method.step_weights() == {"ce": 1.0, "kd": 0.0}
 
 

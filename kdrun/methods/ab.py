@@ -106,7 +106,7 @@ class AB(Method):
         return weights
 
     def uses_teacher_outputs(self) -> bool:
-        return self.stage == INIT_STAGE or self.weights().get("kd", 0.0) > 0
+        return self.stage == INIT_STAGE or self.step_weights().get("kd", 0.0) > 0
 
     def trainable_parameters(self, stage: Stage) -> Iterator[nn.Parameter]:
         if stage.name != INIT_STAGE:

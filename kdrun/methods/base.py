@@ -3,8 +3,9 @@
 A method is an `nn.Module` that owns the student (and any peers) plus its learnable adapters, so one
 optimizer and one checkpoint cover all of them; the teacher is held outside the module tree, so it is
 never trained nor saved with the student. One training step is `method(images, labels, index)`, which
-returns named, UNWEIGHTED loss terms; the runner weights them with `method.weights()`, logs each as its
-own column and stops when one is not finite.
+returns named, UNWEIGHTED loss terms; the runner weights them with `method.step_weights()` (the method's
+`weights()`, less the distillation terms once `kd_until_epoch` has passed), logs each as its own column and
+stops when one is not finite.
 
 Any method combines with Hinton KD: the base class adds the `ce` term and the `kd` term (weight `alpha`,
 temperature `T`, reduction `kl_reduction`) around the method's own terms (weight `beta` each unless the
@@ -63,6 +64,7 @@ class Method(nn.Module):
     needs_teacher: ClassVar[bool] = True
     term_names: ClassVar[tuple[str, ...]] = ()  # the method's own terms, weighted by `beta`
     ce_follows_alpha: ClassVar[bool] = False    # CE weight 1 - alpha (Hinton's mix) rather than 1
+    supervised_terms: ClassVar[tuple[str, ...]] = ("ce",)  # terms on the labels: kept after kd_until_epoch
     # The official code the loss and defaults follow, and any deliberate difference (`kdrun ls methods`).
     official_code: ClassVar[str] = ""
 
@@ -83,6 +85,7 @@ class Method(nn.Module):
             raise ConfigError(f"method.kd_until_epoch={self.kd_until_epoch} is not allowed: an epoch number >= 0, "
                               "or null to distil throughout")
         self.epoch = 0
+        self.stage_epoch = 0  # epochs begun in the current stage (kd_until_epoch counts the main stage's)
         self.stage = "main"
         self.input_shape: tuple[int, ...] = ()  # (C, H, W), known from `prepare` on
         self.pairs: list[tuple[str, str]] = []  # [(student layer, teacher layer)] for feature methods
@@ -134,6 +137,7 @@ class Method(nn.Module):
 
     def begin_stage(self, stage: Stage) -> None:
         self.stage = stage.name
+        self.stage_epoch = 0
 
     def trainable_parameters(self, stage: Stage) -> Iterator[nn.Parameter]:
         return self.parameters()
@@ -144,15 +148,22 @@ class Method(nn.Module):
 
     def begin_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.stage_epoch += 1
 
     # ----- the machinery ------------------------------------------------------------------------------
+    def distilling(self) -> bool:
+        """False past `kd_until_epoch` epochs of the main stage (preliminary stages do not count)."""
+        return self.kd_until_epoch is None or self.stage != "main" or self.stage_epoch <= self.kd_until_epoch
+
     def step_weights(self) -> dict[str, float]:
-        """The weights the runner applies this epoch: `weights()`, or past `kd_until_epoch` (main stage)
-        CE alone at weight 1, every other term at 0, whatever the method weighs otherwise."""
+        """The weights the runner applies this epoch: `weights()`, or once distillation has ended CE at
+        weight 1, the method's other supervised terms (a booster's own CE) as they were, every
+        distillation term at 0."""
         weights = self.weights()
-        if self.kd_until_epoch is None or self.epoch <= self.kd_until_epoch or self.stage != "main":
+        if self.distilling():
             return weights
-        return {name: (1.0 if name == "ce" else 0.0) for name in weights}
+        return {name: 1.0 if name == "ce" else (w if name in self.supervised_terms else 0.0)
+                for name, w in weights.items()}
 
     def prepare(self, input_shape: Sequence[int]) -> None:
         """Validate feature names with one dummy forward, build adapters, then install the taps."""
@@ -171,7 +182,8 @@ class Method(nn.Module):
             self.teacher.requires_grad_(False)
 
     def uses_teacher_outputs(self) -> bool:
-        return self.teacher is not None and (self.step_weights().get("kd", 0.0) > 0 or bool(self.teacher_layers()))
+        return self.teacher is not None and self.distilling() and (
+            self.step_weights().get("kd", 0.0) > 0 or bool(self.teacher_layers()))
 
     def run_teacher(self, images: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Teacher forward in eval mode under inference_mode; outputs are cloned into normal tensors so the
@@ -198,7 +210,8 @@ class Method(nn.Module):
         s_logits, s_feats = self._student_tap(images)
         fw = Forward(s_logits, t_logits, s_feats, t_feats, labels, index)
         terms = self.response_terms(fw)
-        terms.update(self.method_terms(fw))
+        if self.distilling():  # past kd_until_epoch the method's own (distillation) terms are not computed
+            terms.update(self.method_terms(fw))
         return StepOutput(terms, s_logits)
 
     def train(self, mode: bool = True):

@@ -102,7 +102,7 @@ class CSKD(Method):
         return ClassPairLoader(loader)
 
     def weights(self) -> dict[str, float]:
-        return {"ce": 1.0, "cskd": float(self.cfg["lambda"])}
+        return {"ce": self.ce_weight(), "cskd": float(self.cfg["lambda"])}
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         n = labels.shape[0]

@@ -56,7 +56,7 @@ class DKD(Method):
         self.warmup_factor = 0.0
 
     def uses_teacher_outputs(self) -> bool:
-        return True
+        return self.distilling()  # the DKD term needs the teacher's logits even with alpha 0
 
     def begin_epoch(self, epoch: int) -> None:
         super().begin_epoch(epoch)

@@ -120,7 +120,7 @@ class DML(PeerMethod):
         check_mutual_reduction(cfg.method.get("mutual_reduction"))
 
     def weights(self) -> dict[str, float]:
-        return {"ce": 1.0, "dml": 1.0}
+        return {"ce": self.ce_weight(), "dml": 1.0}
 
     def peer_terms(self, logits, labels):
         return dml_loss(logits, labels, self.T, str(self.cfg.mutual_reduction))

@@ -112,7 +112,7 @@ class KDCL(PeerMethod):
         check_mode(cfg.method.get("mode"))
 
     def weights(self) -> dict[str, float]:
-        return {"ce": 1.0, "kdcl": 1.0}
+        return {"ce": self.ce_weight(), "kdcl": 1.0}
 
     def peer_terms(self, logits, labels):
         return kdcl_loss(logits, labels, self.cfg.mode, self.T)

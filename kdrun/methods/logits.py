@@ -23,7 +23,7 @@ class Logits(Method):
     term_names = ("logits",)
 
     def uses_teacher_outputs(self) -> bool:
-        return True  # its own term needs the teacher's logits even with alpha 0 and no feature taps
+        return self.distilling()  # its own term needs the teacher's logits even with alpha 0 and no feature taps
 
     def method_terms(self, fw: Forward) -> dict[str, torch.Tensor]:
         return {"logits": logits_loss(fw.s_logits, fw.t_logits)}

@@ -29,6 +29,10 @@ class LabelSmoothing(Method):
         self.eps = cfg.get("eps", 0.1)
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 <= self.eps < 1:
             raise ConfigError(f"method.eps={self.eps} is not allowed: must lie in [0, 1)")
+        for key in ("ce_weight", "kd_until_epoch"):  # no CE term and nothing distilled: they would do nothing
+            if cfg.get(key) is not None:
+                raise ConfigError(f"method.{key}={cfg.get(key)} is not allowed with method=ls: its smoothed CE "
+                                  "replaces the CE term and it has no teacher (leave it null)")
 
     def weights(self) -> dict[str, float]:
         return {"ls": 1.0}  # the smoothed CE replaces the plain one

@@ -106,6 +106,7 @@ class RocketLaunching(Method):
     """
 
     needs_teacher = False
+    supervised_terms = ("ce", "ce_booster")  # past kd_until_epoch both nets keep learning their labels
     official_code = ("zhougr1993/Rocket-Launching rocket_interval.py (hint summed over classes / N, booster "
                      "detached; stem conv and first blocks' convs shared, BN separate); differences: divides by "
                      "the actual batch, not the fixed --batchSize; kdrun ResNets' stem and shortcut BNs are "
@@ -134,7 +135,7 @@ class RocketLaunching(Method):
         self.booster = booster
 
     def weights(self) -> dict[str, float]:
-        return {"ce": 1.0, "ce_booster": 1.0, "hint": float(self.cfg["lambda"])}
+        return {"ce": self.ce_weight(), "ce_booster": 1.0, "hint": float(self.cfg["lambda"])}
 
     def eval_models(self) -> dict[str, nn.Module]:
         return {"light": self.student, "booster": self.booster}
