@@ -31,7 +31,9 @@ CASES = {
 
 def kill_run(point: str, root: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(KILL_AT), point, f"results_dir={root}", *overrides],
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra wants its flags before the overrides
+    settings = [o for o in overrides if not o.startswith("-")]
+    return subprocess.run([sys.executable, str(KILL_AT), point, *flags, f"results_dir={root}", *settings],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -169,3 +171,16 @@ def test_a_preempted_submitit_job_is_requeued_and_resumes(tmp_path):
     (record,) = run_records(tmp_path / "sweep")
     assert record["resumed"] == 1 and record["status"] == "completed"
     assert_same_run(record, reference)
+
+
+@pytest.mark.slow
+def test_a_sweep_resumes_its_killed_job_and_skips_the_completed_one(tmp_path, capsys):
+    sweep = ["-m", "method=ce", "seed=0,1", "epochs=3", "batch_size=128"]
+    killed = kill_run("step=50", tmp_path, *sweep)  # job 0 completes in 36 steps; job 1 dies in its epoch 2
+    assert killed.returncode == -9
+    capsys.readouterr()
+    assert run_cli("-m", f"results_dir={tmp_path}", *sweep[1:]) == 0
+    out = capsys.readouterr().out
+    records = {r["seed"]: r for r in run_records(tmp_path) if r["status"] == "completed"}
+    assert set(records) == {0, 1} and len(run_records(tmp_path)) == 2
+    assert "skipped" in out and records[1].get("resumed") == 1
