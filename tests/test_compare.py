@@ -1,98 +1,21 @@
-"""`kdrun compare` on synthetic result.json / metrics.csv files (no training)."""
+"""`kdrun compare` on synthetic result.json / metrics.csv files (no training): the table, its formats and plots."""
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import math
-import os
 import re
-from pathlib import Path
 
 import pandas as pd
 import pytest
 from matplotlib.container import ErrorbarContainer
 
+from compare_data import (PNG_SIGNATURE, compare, compare_csv, record, rerun, results,  # noqa: F401
+                          row, write_run)
 from conftest import run_cli
-from kdrun.compare import OUTCOME_KEYS, detect_group_keys
-from kdrun.compare_records import load_runs
 from kdrun import plots
+from kdrun.compare import detect_group_keys
+from kdrun.compare_records import load_runs
 from kdrun.plots import accuracy_axis, bar_chart, curves_chart, read_curve
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-# (method, student) -> best and last accuracy of seeds 0, 1, 2. Stds are the sample std (ddof=1).
-ACCURACIES = {
-    ("ce", "resnet8"): ([90.0, 91.0, 92.0], [89.0, 90.0, 91.0]),   # best 91 +- 1,  last 90 +- 1
-    ("kd", "resnet8"): ([93.0, 94.0, 95.0], [92.0, 92.0, 95.0]),   # best 94 +- 1,  last 93 +- sqrt(3)
-    ("ce", "resnet14"): ([92.0, 92.0, 92.0], [91.0, 91.0, 91.0]),  # best 92 +- 0,  last 91 +- 0
-    ("kd", "resnet14"): ([93.0, 95.0, 97.0], [90.0, 90.0, 90.0]),  # best 95 +- 2,  last 90 +- 0
-}
-TEACHER_ACCS = [97.0, 98.0, 99.0]  # mean 98
-
-
-def record(method: str, student: str, seed: int, **changes) -> dict:
-    """A run record; its config_hash, as kdrun's, follows the configuration and seed (not the outcome)."""
-    kd = method == "kd"
-    rec = {
-        "run_id": f"{method}_{student}_s{seed}", "status": "completed", "error": None, "method": method,
-        "teacher": "resnet26" if kd else None, "student": student, "dataset": "digits", "seed": seed,
-        "T": 4.0 if kd else None, "alpha": 0.9 if kd else None, "beta": None, "epochs": 3, "batch_size": 64,
-        "lr": 0.05, "precision": "fp32", "teacher_epochs": 3 if kd else None,
-        "teacher_acc": TEACHER_ACCS[seed % 3] if kd else None, "teacher_source": "trained" if kd else None,
-        "teacher_sha256": None, "best_acc": None, "best_epoch": 3, "last_acc": None, "wall_s": 1.0,
-        "device": "cpu", "run_dir": "/elsewhere", **changes,
-    }
-    configuration = {key: value for key, value in rec.items() if key not in OUTCOME_KEYS}
-    return {"config_hash": hashlib.sha256(json.dumps(configuration, sort_keys=True).encode()).hexdigest()[:16],
-            **rec}
-
-
-def write_run(root: Path, rec: dict, curve: list[float] | None = None, stages: list[str] | None = None) -> Path:
-    run_dir = root / "runs" / rec["run_id"]
-    run_dir.mkdir(parents=True)
-    (run_dir / "result.json").write_text(json.dumps(rec))
-    curve = curve or [rec["best_acc"] or 0.0] * 3
-    stages = stages or ["main"] * len(curve)
-    pd.DataFrame({"stage": stages, "epoch": range(1, len(curve) + 1), "test_acc": curve}).to_csv(
-        run_dir / "metrics.csv", index=False)
-    return run_dir
-
-
-@pytest.fixture
-def results(tmp_path) -> Path:
-    """ce and kd for two students x 3 seeds, a failed and a running run, and a teacher cache to skip."""
-    root = tmp_path / "results"
-    for (method, student), (bests, lasts) in ACCURACIES.items():
-        for seed, (best, last) in enumerate(zip(bests, lasts)):
-            write_run(root, record(method, student, seed, best_acc=best, last_acc=last),
-                      curve=[best - 20, best - 5, last])
-    write_run(root, record("kd", "resnet8", 3, status="failed", error="RuntimeError: boom"))
-    write_run(root, record("kd", "resnet8", 4, status="running", best_acc=10.0, last_acc=10.0))
-    cache = root / "teachers" / "resnet26_digits_abc"
-    cache.mkdir(parents=True)
-    (cache / "result.json").write_text(json.dumps(record("kd", "resnet8", 9, best_acc=0.0, last_acc=0.0)))
-    return root
-
-
-def compare(capsys, *args: str) -> tuple[int, str, str]:
-    code = run_cli("compare", *args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def compare_csv(capsys, *args: str) -> pd.DataFrame:
-    code, out, _ = compare(capsys, *args, "--format", "csv")
-    assert code == 0
-    return pd.read_csv(io.StringIO(out))
-
-
-def row(table: pd.DataFrame, **keys) -> pd.Series:
-    match = table
-    for key, value in keys.items():
-        match = match[match[key] == value]
-    assert len(match) == 1, keys
-    return match.iloc[0]
 
 
 def test_means_stds_n_teacher_and_delta(results, capsys):
@@ -325,115 +248,6 @@ def test_bad_input_is_one_line_and_exit_2(results, tmp_path, capsys, args, says)
     code, out, err = compare(capsys, *(arg.format(**paths) for arg in args))
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and says in err
-
-
-# ---- corrupt files, repeats, unfolded cells -------------------------------------------------------------
-
-def write_file(root: Path, name: str, content: str | bytes) -> Path:
-    path = root / "runs" / name / "result.json"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    return path
-
-
-CUT = "truncated: not valid JSON, the file ends mid-record"
-CORRUPT = {  # run directory -> (result.json content, the reason compare gives)
-    "syntax": ('{"status": "completed" "method": "kd"}', "not valid JSON (line 1 column 24)"),
-    "cut": (json.dumps(record("kd", "resnet8", 5, best_acc=93.0))[:60], f"{CUT} (line 1 column 47)"),
-    "cut_between": ('{"status": "completed", ', f"{CUT} (line 1 column 25)"),
-    "empty": ("", "empty file"),
-    "latin1": (b'{"student": "r\xe9snet8"}', "not UTF-8 text"),
-    "array": ("[1, 2]", "not a JSON object (an array)"),
-    "partial": ('{"method": "kd"}', "missing keys: status, student"),
-    "no_acc": (json.dumps(record("kd", "resnet8", 6)), "completed but best_acc is missing"),
-    "text_acc": (json.dumps(record("kd", "resnet8", 7, best_acc="high")),
-                 'completed but best_acc is not a number ("high")'),
-}
-
-
-def test_unreadable_files_are_listed_with_their_reason(results, capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")
-    paths = {name: write_file(results, name, content) for name, (content, _) in CORRUPT.items()}
-    cache = results / "teachers" / "broken"
-    cache.mkdir()
-    (cache / "result.json").write_text("{not json")  # a teacher cache: not a run, skipped silently
-    code, out, err = compare(capsys, str(results))
-    assert code == 0 and err == ""
-    main, listing = out.split("unreadable result.json, left out: 9 files")
-    assert "94.00 ± 1.00" in main and "runs/syntax" not in main
-    for name, (_, reason) in CORRUPT.items():
-        assert f"{paths[name]}: {reason}" in listing
-    assert "broken" not in out
-    # Machine-readable formats: stdout stays the data, the listing goes to stderr.
-    table = compare_csv(capsys, str(results))
-    assert row(table, method="kd", student="resnet8")["n"] == 3
-    _, out, err = compare(capsys, str(results), "--format", "csv")
-    assert "unreadable" not in out and f"{paths['partial']}: missing keys: status, student" in err
-
-
-def test_only_unreadable_files_is_a_one_line_error(tmp_path, capsys):
-    for name in ("array", "partial"):
-        write_file(tmp_path, name, CORRUPT[name][0])
-    code, out, err = compare(capsys, str(tmp_path))
-    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
-    assert "all 2 run result.json files below" in err and "cannot be used" in err and "(and 1 more)" in err
-    assert "not a JSON object (an array)" in err and "no run result.json" not in err
-
-
-def test_a_directory_of_teacher_caches_holds_no_runs(tmp_path, capsys):
-    cache = tmp_path / "teachers" / "resnet26_digits_abc"
-    cache.mkdir(parents=True)
-    (cache / "result.json").write_text(json.dumps({"model": "resnet26", "dataset": "digits", "status": "completed",
-                                                   "test_acc": 97.0, "best_acc": 97.0, "epoch_acc": [90.0, 97.0]}))
-    code, _, err = compare(capsys, str(tmp_path / "teachers"))
-    assert code == 2 and "no run result.json below" in err
-
-
-def rerun(root: Path, rec: dict, name: str, best: float, **changes) -> Path:
-    """Another run of the configuration and seed of `rec`, in its own directory."""
-    return write_run(root, {**rec, "run_id": name, "best_acc": best, "last_acc": best, **changes})
-
-
-def test_repeats_count_once_and_the_newest_is_kept(results, capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")
-    # The fixture's kd resnet8 seed 0 (94.0) has no timestamp: its file's mtime (now) orders it.
-    kd0 = record("kd", "resnet8", 0, best_acc=93.0, last_acc=92.0)
-    newer = rerun(results, kd0, "kd_resnet8_s0_again", 99.0, finished_at="2999-05-02T10:00:00")
-    older = rerun(results, kd0, "kd_resnet8_s0_before", 50.0, finished_at="2024-04-01T10:00:00+00:00")
-    rerun(results, kd0, "kd_resnet8_s0_failed", 0.0, status="failed", error="OOM", finished_at="2999-06-01T10:00:00")
-    rerun(results, record("kd", "resnet8", 0, T=2.0), "kd_T2_s0", 80.0)  # another configuration: no repeat
-    rerun(results, record("ce", "resnet8", 0), "ce_resnet8_s0_again", 96.0, updated_at="2999-01-01T00:00:00")
-    table = compare_csv(capsys, str(results))
-    kd8 = row(table, method="kd", student="resnet8", T=4)
-    assert kd8["n"] == 3 and kd8["best_acc_mean"] == pytest.approx((99.0 + 94.0 + 95.0) / 3)
-    assert row(table, method="kd", student="resnet8", T=2)["n"] == 1
-    ce8 = row(table, method="ce", student="resnet8")
-    assert ce8["n"] == 3 and ce8["best_acc_mean"] == pytest.approx((96.0 + 91.0 + 92.0) / 3)
-    assert kd8["delta_best_acc"] == pytest.approx(kd8["best_acc_mean"] - ce8["best_acc_mean"])  # baseline too
-    code, out, _ = compare(capsys, str(results))
-    main, notes = out.split("left out of the means")
-    assert "n counts each seed once" in main
-    heading = next(line for line in notes.splitlines() if line.startswith("repeats"))
-    assert heading.startswith("repeats (same configuration and seed; the newest is kept): ")
-    assert "2 of ce, resnet8, seed 0" in heading and "3 of kd, resnet26, resnet8, T=4, seed 0" in heading
-    listed = [(line.split()[0], line.split()[-1]) for line in notes.splitlines() if "runs/kd_resnet8_s0" in line]
-    assert listed == [("kept", str(newer)), ("left", str(results / "runs" / "kd_resnet8_s0")), ("left", str(older))]
-    assert "kd_resnet8_s0_failed" in notes.split("repeats")[0]  # a failed rerun is left out, it is no repeat
-
-
-def test_running_one_command_twice_is_one_seed(tmp_path, capsys):
-    """Repeats without config_hash or timestamps (older records): identity keys and seed, newest by mtime."""
-    first = record("ce", "resnet8", 0, best_acc=90.0, last_acc=90.0)
-    del first["config_hash"]
-    older = rerun(tmp_path, first, "ce_s0", 90.0)
-    newer = rerun(tmp_path, first, "ce_s0_2", 91.0)
-    os.utime(older / "result.json", (1_000_000, 1_000_000))
-    os.utime(newer / "result.json", (2_000_000, 2_000_000))
-    table = compare_csv(capsys, str(tmp_path))
-    assert table["n"].tolist() == [1] and table["best_acc_mean"].tolist() == [91.0]
-    assert pd.isna(table["best_acc_std"].iloc[0])
-    code, out, _ = compare(capsys, str(tmp_path), "--format", "markdown")
-    assert "| 1 | 91.00 |" in out and "± 0.00" not in out
 
 
 def test_table_cells_never_fold_in_a_narrow_terminal(results, capsys, monkeypatch):

@@ -10,7 +10,7 @@ from torch import nn
 from kdrun.features import parameters_feeding
 from kdrun.methods.base import Forward, Method, Stage
 from kdrun.methods.fitnet import make_regressor
-from kdrun.methods.common import config_number, head_modules, init_stage_lr, stage_pairs
+from kdrun.methods.common import config_number, head_modules, init_stage_lr, keep_head_in_eval, stage_pairs
 from kdrun.methods.registry import register_method
 
 INIT_STAGE = "init"
@@ -93,9 +93,7 @@ class AB(Method):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode and self.stage == INIT_STAGE:
-            for module in self._head:
-                module.eval()
+        keep_head_in_eval(self, INIT_STAGE)
         return self
 
     def weights(self) -> dict[str, float]:

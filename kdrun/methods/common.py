@@ -155,3 +155,11 @@ def head_modules(model: nn.Module, input_shape: Sequence[int]) -> list[nn.Module
     for i, module in enumerate(started):
         first.setdefault(module, i)
     return [m for m, i in first.items() if i >= cut[0]]
+
+
+def keep_head_in_eval(method, init_stage: str) -> None:
+    """During a preliminary stage (AB's and FSP's init), the head stays in eval mode, as RepDistiller's
+    `init()` trains only `get_feat_modules()`; call after `nn.Module.train`."""
+    if method.training and method.stage == init_stage:
+        for module in method._head:
+            module.eval()

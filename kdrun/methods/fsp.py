@@ -13,7 +13,8 @@ from kdrun.errors import ConfigError
 from kdrun.features import format_shape, model_label
 from kdrun.methods.base import Forward, Method, Stage
 from kdrun.methods.registry import register_method
-from kdrun.methods.common import config_number, head_modules, init_stage_lr, is_auto, stage_lists
+from kdrun.methods.common import (config_number, head_modules, init_stage_lr, is_auto, keep_head_in_eval,
+                                  stage_lists)
 
 INIT_STAGE = "fsp"
 
@@ -159,9 +160,7 @@ class FSP(Method):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode and self.stage == INIT_STAGE:
-            for module in self._head:
-                module.eval()
+        keep_head_in_eval(self, INIT_STAGE)
         return self
 
     def method_terms(self, fw: Forward) -> dict[str, torch.Tensor]:
