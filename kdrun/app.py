@@ -39,6 +39,9 @@ def experiment_job(cfg: DictConfig) -> None:
         except ConfigError as exc:
             print_error("kdrun: error:", exc)
             sys.exit(2)
+        except OutputError as exc:  # a file in the way, a read-only or full disk: before or during training
+            print_error("kdrun: error:", exc)
+            sys.exit(1)
         except RUN_FAILURES as exc:  # the run's result.json already records the failure
             print_error("kdrun: training failed:", exc)
             sys.exit(1)

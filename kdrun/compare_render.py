@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
-from rich.measure import Measurement
 from rich.table import Table
 
 from kdrun.compare_records import (BASELINE_KEYS, BASELINE_METHOD, CORE_KEYS, FINISHED, KEPT, REPEAT, RUN_DIR,
                                    STATISTICS, Unreadable, is_missing, metric_order)
 from kdrun.errors import ConfigError
+from kdrun.progress import print_unfolded
 
 MISSING = "-"
 LEFT_OUT_COLUMNS = ("status", "run_id", "method", "student", "seed", "error")
-MAX_TABLE_WIDTH = 10_000
 
 
 def format_value(value) -> str:
@@ -100,15 +99,6 @@ def rich_table(summary: pd.DataFrame, keys: list[str], metric: str) -> Table:
     return table
 
 
-def print_unfolded(console: Console, table: Table) -> None:
-    """Print the table as wide as its cells need, past the console's width if need be: a value folded or
-    cut to fit (`94.00 ±` over `1.00`, `wide_res…`) is misread, a line the terminal wraps is still whole.
-    The caption wraps to the table's width."""
-    natural = Measurement.get(console, console.options.update(max_width=MAX_TABLE_WIDTH), table).maximum
-    console.width = max(console.width, natural)  # print(width=...) would be capped at the console's width
-    console.print(table)
-
-
 def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
@@ -137,11 +127,10 @@ def report_left_out(left_out: pd.DataFrame, console: Console) -> None:
     counts = ", ".join(f"{n} {status}" for status, n in left_out["status"].value_counts().sort_index().items())
     table = Table(title=f"left out of the means: {counts}")
     for column in LEFT_OUT_COLUMNS:
-        # Only the free-text error may fold; names and seeds stay whole.
-        table.add_column(column, no_wrap=column != "error", overflow="fold")
+        table.add_column(column, no_wrap=True)  # a narrow console must not squeeze the error to one letter
     for _, run in left_out.iterrows():
         table.add_row(*(format_value(run.get(column)) for column in LEFT_OUT_COLUMNS))
-    console.print(table)
+    print_unfolded(console, table)
 
 
 def report_repeats(repeats: pd.DataFrame, keys: list[str], console: Console) -> None:

@@ -8,11 +8,24 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 console = Console(stderr=True)
 stdout = Console()
+
+
+MAX_TABLE_WIDTH = 10_000
+
+
+def print_unfolded(console: Console, table: Table) -> None:
+    """Print the table as wide as its cells need, past the console's width if need be: a value folded or
+    cut to fit (`94.00 ±` over `1.00`, `wide_res…`) is misread, a line the terminal wraps is still whole.
+    The caption wraps to the table's width."""
+    natural = Measurement.get(console, console.options.update(max_width=MAX_TABLE_WIDTH), table).maximum
+    console.width = max(console.width, natural)  # print(width=...) would be capped at the console's width
+    console.print(table)
 
 
 def print_error(prefix: str, message: object) -> None:

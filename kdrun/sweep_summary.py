@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kdrun.progress import print_unfolded
 from kdrun.results import read_result, write_result
 
 REPORTS = ".jobs"
@@ -63,13 +64,24 @@ def summary_table(reports: list[dict]) -> Table:
                        if any(r["status"] == s for r in reports))
     table = Table(title=f"sweep: {len(reports)} jobs: {counts}")
     for column in ("job", "status", "overrides", "run dir / error"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, no_wrap=True)  # paths and overrides are copied from here: never folded
     for report in reports:
-        detail = report.get("error") if report["status"] in ("failed", "killed", "interrupted") else report.get("run_dir")
+        failed = report["status"] in ("failed", "killed", "interrupted")
+        detail = report.get("error") if failed else shown_path(report.get("run_dir"))
         style = "red" if report["status"] in ("failed", "killed") else None
         table.add_row(str(report["job"]), report["status"], escape(report["overrides"]), escape(detail or ""),
                       style=style)
     return table
+
+
+def shown_path(path: str | None) -> str | None:
+    """A run directory relative to the working directory when it lies below it (shorter, still copyable)."""
+    if not path:
+        return path
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
 
 
 class SweepSummary(Callback):
@@ -87,5 +99,5 @@ class SweepSummary(Callback):
         reports = read_reports(Path(config.hydra.sweep.dir))
         if not reports:
             return
-        Console().print(summary_table(reports))
+        print_unfolded(Console(), summary_table(reports))
         exit_status = status_of_sweep(reports)
