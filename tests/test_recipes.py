@@ -12,7 +12,7 @@ import pytest
 from conftest import compose_config, run_cli
 from kdrun.experiment import base_record
 from kdrun.schedule import lr_factor
-from test_compare import ACCURACIES, record, write_run
+from compare_data import ACCURACIES, record, write_run
 
 REPDISTILLER = "+experiment=repdistiller_cifar100"
 TAKD = "+experiment=takd_cifar100"
