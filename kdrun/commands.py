@@ -30,7 +30,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def ls_command(args: list[str]) -> int:
     parser = OneLineParser(prog="kdrun ls", description="List registry entries.")
-    parser.add_argument("what", choices=("models", "methods", "datasets", "layers"))
+    parser.add_argument("what", choices=("models", "methods", "datasets", "transfers", "layers"))
     parser.add_argument("model", nargs="?", help="model name (for `ls layers`)")
     parser.add_argument("--dataset", help="`ls layers`: take the input shape and classes of this dataset "
                                            "(default: the configured one, digits)")
@@ -85,6 +85,10 @@ def registry_of(what: str):
         from kdrun.methods import METHODS
 
         return METHODS
+    if what == "transfers":
+        from kdrun.transfer import TRANSFERS
+
+        return TRANSFERS
     from kdrun.data import DATASETS
 
     return DATASETS

@@ -166,9 +166,10 @@ def baseline_means(runs: pd.DataFrame, metric: str) -> dict[str, float]:
 
 
 def recipe_column(runs: pd.DataFrame) -> pd.Series:
-    """The training recipe a baseline must share: BASELINE_KEYS plus the student's and the dataset's options
-    (a no-residual student is compared with the no-residual baseline)."""
-    options = sorted(c for c in runs.columns if c.startswith(("student.", "dataset.")))
+    """The training recipe a baseline must share: BASELINE_KEYS plus the student's, the dataset's and the
+    transfer set's options (a no-residual student is compared with the no-residual baseline, a student of
+    a transfer set without the 3s with a CE student of that set)."""
+    options = sorted(c for c in runs.columns if c == "transfer" or c.startswith(("student.", "dataset.", "transfer.")))
     keys = [key for key in (*BASELINE_KEYS, *options) if key in runs.columns]
     return runs[keys].apply(lambda row: json.dumps([format_value(v) for v in row]), axis=1)
 

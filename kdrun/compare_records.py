@@ -89,7 +89,9 @@ def nothing_usable(dirs: list[str], unreadable: list[Unreadable]) -> str:
 
 
 # Keys every method has since they were declared; records written before carry their value implicitly.
-IMPLICIT_DEFAULTS = {"method.kl_reduction": "batchmean"}
+# Keys a record written before they existed lacks; such a run had these values.
+IMPLICIT_DEFAULTS = {"method.kl_reduction": "batchmean", "transfer": "labelled", "transfer.labelled_fraction": 1.0,
+                     "transfer.split_seed": 0}
 
 
 def normalise(runs: pd.DataFrame) -> pd.DataFrame:
@@ -200,7 +202,8 @@ def recorded_metric(done: pd.DataFrame) -> tuple[str, str | None]:
 def identity_keys(columns) -> list[str]:
     """The keys that make a configuration: the fixed ones with the method's, dataset's and models' options
     (`method.*`, `dataset.*`, `teacher.*`, `student.*`) after beta."""
-    options = sorted(c for c in columns if c.startswith(("method.", "dataset.", "teacher.", "student.")))
+    options = sorted(c for c in columns if c == "transfer"
+                     or c.startswith(("method.", "dataset.", "teacher.", "student.", "transfer.")))
     ordered = [*IDENTITY_KEYS[:7], *options, *IDENTITY_KEYS[7:]]
     return [key for key in ordered if key in columns]
 

@@ -16,6 +16,8 @@ def teacher_node(name: str) -> dict:
         "seed": 0,                 # one teacher serves every student seed
         "snapshot_epoch": None,    # use the weights after this epoch of the teacher's training
         "keep_snapshots": True,    # keep every epoch's weights in the teacher cache (model size x epochs)
+        "access": "full",          # full (module, features), logits or probabilities (a black box asked once per image)
+        "query_budget": None,      # a black box's images at most (the transfer set is cut to fit)
     }
 
 

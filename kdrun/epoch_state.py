@@ -19,21 +19,26 @@ class EpochSums:
     correct: torch.Tensor | None = None
     seen: int = 0
     batches: int = 0
+    labelled: torch.Tensor | None = None  # images with a ground-truth label (training accuracy counts those)
 
     def start(self, names: list[str], device) -> None:
         self.names = names
         self.term_sums = torch.zeros(len(names), device=device)
         self.total_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.labelled = torch.zeros((), device=device, dtype=torch.long)
 
     def state(self) -> dict:
         return {"names": self.names, "term_sums": self.term_sums.cpu(), "total_sum": self.total_sum.cpu(),
-                "correct": self.correct.cpu(), "seen": self.seen, "batches": self.batches}
+                "correct": self.correct.cpu(), "seen": self.seen, "batches": self.batches,
+                "labelled": self.labelled.cpu()}
 
     @classmethod
     def from_state(cls, state: dict, device) -> "EpochSums":
         tensors = {k: state[k].to(device) for k in ("term_sums", "total_sum", "correct")}
-        return cls(list(state["names"]), **tensors, seen=state["seen"], batches=state["batches"])
+        labelled = state.get("labelled", torch.tensor(state["seen"]))  # older checkpoints: every image had one
+        return cls(list(state["names"]), **tensors, seen=state["seen"], batches=state["batches"],
+                   labelled=labelled.to(device))
 
 
 class EpochInterrupted(Interrupted):

@@ -28,9 +28,17 @@ from kdrun.results import METRICS_FILE, RESULT_FILE, read_result, write_metrics,
 from kdrun.resume import DamagedCheckpoint, DeviceMismatch, restore_training, training_state
 from kdrun.run_dir import RunLock, choose_run_dir
 from kdrun.storage import check_output_space
+from kdrun.teacher_access import is_black_box
 from kdrun.teachers import DATASET_LOCATION_KEYS, check_snapshot_epoch, model_options_of, resolve_teacher
-from kdrun.train import NonFiniteLoss, TrainSettings, fit
+from kdrun.train import CLASS_COLUMN, NonFiniteLoss, TrainSettings, evaluate_classes, fit
+from kdrun.transfer import TransferSet, build_transfer, check_transfer_method
+from kdrun.transfer.active_mixup import ActiveMixupSet, remember_initial_state
+from kdrun.transfer.bias_shift import correct_omitted_classes
+from kdrun.transfer.runtime import TransferRun, student_loaders, teacher_client
 from kdrun.validate import check_config, check_data_fits, resolve_device
+
+
+DEFAULT_TRANSFER = {"name": "labelled", "labelled_fraction": 1.0, "split_seed": 0}
 
 
 @dataclass
@@ -44,6 +52,8 @@ class Plan:
     loader_rng: torch.Generator | None = None  # the training loader's generator, saved in checkpoints
     teacher: nn.Module | None = None           # the root teacher
     assistants: list[nn.Module] = field(default_factory=list)  # TA chain; the last one teaches the student
+    transfer: TransferSet | None = None        # what the student learns from
+    student_loader: object = None              # the student's loader before wrap_train_loader (fed by the transfer set)
 
 
 def configure(cfg: DictConfig):
@@ -60,7 +70,8 @@ def prepare(cfg: DictConfig) -> Plan:
     check_config(cfg, method_cls.needs_teacher)
     device = resolve_device(cfg.device, cfg.precision)
     data = load_dataset(cfg.dataset)
-    check_data_fits(cfg, data)
+    transfer = build_transfer(cfg, data)
+    check_data_fits(cfg, transfer.teacher_data)
     teacher, assistants = None, []
     if method_cls.needs_teacher:
         check_snapshot_epoch(cfg)
@@ -79,11 +90,18 @@ def prepare(cfg: DictConfig) -> Plan:
     direct_teacher = assistants[-1] if assistants else teacher
     method = method_cls(cfg.method, student.to(device), direct_teacher, data.num_classes).to(device)
     method.prepare(data.image_shape)
-    train_loader, test_loader = make_loaders(data, cfg.batch_size, device, cfg.seed, cfg.eval_batch_size)
-    loader_rng = train_loader.generator
-    train_loader = method.wrap_train_loader(train_loader)  # may refuse (e.g. a loader it cannot pair)
+    check_transfer_method(cfg, transfer, method)
+    if cfg.transfer.get("divergence"):
+        method.kd_divergence = cfg.transfer.divergence
+    if isinstance(transfer, ActiveMixupSet) and len(method.stages(cfg.epochs)) > 1:
+        raise ConfigError(f"method={cfg.method.name} is not allowed with transfer=active_mixup: its stages "
+                          "(a preliminary stage) do not fit the rounds; use a single-stage method such as kd")
+    remember_initial_state(transfer, method)
+    student_loader, test_loader = student_loaders(transfer, data, cfg.batch_size, device, cfg.seed, cfg.eval_batch_size)
+    loader_rng = student_loader.generator
+    train_loader = method.wrap_train_loader(student_loader)  # may refuse (e.g. a loader it cannot pair)
     return Plan(cfg, data, method, TrainSettings(device, cfg.precision), train_loader, test_loader, loader_rng,
-                teacher, assistants)
+                teacher, assistants, transfer, student_loader)
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -91,6 +109,13 @@ def config_hash(cfg: DictConfig) -> str:
     container = OmegaConf.to_container(cfg, resolve=True)
     for key in ("results_dir", "run_dir", "device", "skip_completed", "resume", "compare_metric"):
         container.pop(key, None)
+    # The defaults of the transfer group and of teacher access leave the hash of earlier runs as it was.
+    if container.get("transfer") == DEFAULT_TRANSFER:
+        container.pop("transfer")
+    teacher = container.get("teacher") or {}
+    for key, default in (("access", "full"), ("query_budget", None)):
+        if key in teacher and teacher[key] == default:
+            teacher.pop(key)
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -130,6 +155,8 @@ def base_record(cfg: DictConfig, run_dir: Path, device: str) -> dict:
         "best_acc": None, "best_epoch": None, "last_acc": None, "wall_s": None, "device": device,
         "config_hash": config_hash(cfg), "run_dir": str(run_dir), "host": socket.gethostname(), "pid": os.getpid(),
         "compare_metric": cfg.get("compare_metric", "best_acc"),  # the statistic `kdrun compare` shows by default
+        **({"teacher.access": str(cfg.teacher.get("access", "full")),
+            "teacher.query_budget": cfg.teacher.get("query_budget")} if uses_teacher else {}),
     }
 
 
@@ -141,21 +168,28 @@ def execute(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
     check_stop()  # a signal during `prepare`: stop before anything is written
     previous = read_result(run_dir / RESULT_FILE) if resume else None
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    record = base_record(cfg, run_dir, str(settings.device))
+    record = {**base_record(cfg, run_dir, str(settings.device)), **plan.transfer.record}
     if previous:
         record.update(run_id=previous.get("run_id", run_dir.name), resumed=int(previous.get("resumed") or 0) + 1)
     write_result(run_dir / RESULT_FILE, record)
     rows: list[dict] = []
     earlier_wall_s = 0.0
     try:
+        teacher_data = plan.transfer.teacher_data
+        transfer_run = None
         if plan.teacher is not None:
-            teacher = resolve_teacher(cfg, plan.teacher, data, settings)
+            teacher = resolve_teacher(cfg, plan.teacher, teacher_data, settings)
             record.update(teacher_acc=teacher.accuracy, teacher_source=teacher.source, teacher_sha256=teacher.sha256)
             check_same_teacher(previous, teacher.sha256)
             if plan.assistants:
                 record["chain"] = resolve_chain(cfg, type(method), plan.teacher, root_identity(cfg, teacher.sha256),
-                                                plan.assistants, data, settings)
+                                                plan.assistants, teacher_data, settings)
             write_result(run_dir / RESULT_FILE, record)
+            transfer_run = TransferRun(cfg, plan.transfer, method, plan.student_loader,
+                                       teacher_client(cfg, plan.teacher, data, settings), run_dir, settings,
+                                       teacher_sha=teacher.sha256)
+            transfer_run.prepare()
+            record.update(plan.transfer.record)
         torch.manual_seed(cfg.seed)  # training a teacher just now (rather than loading it) must not change the run
         point = None
         if resume:
@@ -165,6 +199,8 @@ def execute(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
                 if rows:
                     write_metrics(run_dir / METRICS_FILE, rows)  # drop a row written after the checkpoint
                 record["resumed_after_epoch"] = point.epoch
+                if transfer_run is not None and rows and "teacher_queries" in rows[-1]:
+                    method.teacher_queries = max(0, int(rows[-1]["teacher_queries"]) - transfer_run.queries)
                 console.print(f"resuming {run_dir} {describe_point(point)}", highlight=False, soft_wrap=True)
 
         def save_state(state: dict) -> None:
@@ -173,16 +209,27 @@ def execute(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
                                                                       plan.loader_rng, rows, wall_s, settings.device))
 
         def on_epoch(row: dict, state: dict) -> None:
+            if transfer_run is not None:
+                row["teacher_queries"] = transfer_run.queries + method.teacher_queries
+                if isinstance(plan.transfer, ActiveMixupSet):
+                    row["round"] = int(row["stage"].removeprefix("round"))
             rows.append(row)
             write_metrics(run_dir / METRICS_FILE, rows)
             save_state(state)
 
         label = f"{cfg.method.name} {cfg.student.name}"
+        stages, before_stage = method.stages(cfg.epochs), None
+        if isinstance(plan.transfer, ActiveMixupSet):
+            stages = plan.transfer.stages(stages, cfg.epochs)
+
+            def before_stage(index, stage, fresh):
+                plan.transfer.begin_round(index, fresh, transfer_run)
         with RunProgress(label) as progress:
-            fit(method, plan.train_loader, plan.test_loader, method.stages(cfg.epochs), cfg.optim, cfg.sched,
+            fit(method, plan.train_loader, plan.test_loader, stages, cfg.optim, cfg.sched,
                 cfg.optim.lr, settings, progress, on_epoch, resume=point, loader_rng=plan.loader_rng,
-                on_stop=save_state)
+                on_stop=save_state, before_stage=before_stage)
         record.update(summarise(rows, method))
+        record.update(after_training(plan, transfer_run))
         record["status"] = "completed"
     except BaseException as exc:
         record.update(outcome_of(exc, rows))
@@ -251,12 +298,27 @@ def interruption_message(exc: BaseException, rows: list[dict]) -> str:
     return f"stopped by {cause} {where}; run the same command again to resume it (resume=auto)"
 
 
+def after_training(plan: Plan, transfer_run: TransferRun | None) -> dict:
+    """What the record adds once the student is trained: per-class test accuracy, the teacher's query count
+    and, for omitted classes with `bias_shift=auto`, the shift and the accuracies before and after it."""
+    student = next(iter(plan.method.eval_models().values()))
+    _, _, class_acc = evaluate_classes(student, plan.test_loader, plan.settings)
+    extra = {"class_acc": class_acc, "transfer_size": plan.transfer.size}
+    if transfer_run is not None:
+        extra["teacher_queries"] = transfer_run.queries + plan.method.teacher_queries
+        extra.update(transfer_run.notes)
+    if plan.transfer.val is not None:
+        extra.update(correct_omitted_classes(plan.cfg, student, plan.transfer.val, plan.data, plan.test_loader,
+                                             plan.settings))
+    return extra
+
+
 def summarise(rows: list[dict], method: Method) -> dict:
     """Best and last accuracy of the final stage (preliminary stages do not count)."""
     final = [r for r in rows if r["stage"] == rows[-1]["stage"]]
     best = max(final, key=lambda r: r["test_acc"])
     summary = {"best_acc": best["test_acc"], "best_epoch": best["epoch"], "last_acc": final[-1]["test_acc"]}
-    peers = [k for k in final[-1] if k.startswith("test_acc_")]
+    peers = [k for k in final[-1] if k.startswith("test_acc_") and not CLASS_COLUMN.fullmatch(k)]
     if peers:  # several models trained together: each one's last accuracy, and the best of them
         summary["peer_acc"] = {k.removeprefix("test_acc_"): final[-1][k] for k in peers}
         summary["best_peer"] = max(summary["peer_acc"], key=summary["peer_acc"].get)

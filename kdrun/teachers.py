@@ -35,7 +35,8 @@ from kdrun.train import NonFiniteLoss, TrainSettings, evaluate, fit
 
 CACHE_FORMAT = 2  # bump when a change to training or to the entry's files makes cached teachers stale
 TRAIN_STATE = "train_state.pt"  # the resumable state of an entry still being trained
-TEACHER_CONTROL_KEYS = ("name", "checkpoint", "epochs", "lr", "seed", "snapshot_epoch", "keep_snapshots")
+TEACHER_CONTROL_KEYS = ("name", "checkpoint", "epochs", "lr", "seed", "snapshot_epoch", "keep_snapshots", "access",
+                        "query_budget")
 DATASET_LOCATION_KEYS = ("root", "download", "workers")
 
 
@@ -56,13 +57,27 @@ def training_identity(cfg) -> dict:
     """The settings shared by everything trained as a teacher (teachers and assistants)."""
     dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
                if k not in DATASET_LOCATION_KEYS}
-    return {
+    identity = {
         "format": CACHE_FORMAT, "dataset": dataset, "epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr,
         "seed": cfg.teacher.seed, "batch_size": cfg.batch_size, "precision": cfg.precision,
         # teacher.lr is the teacher's learning rate: the student's optim.lr must not make it another teacher
         "optim": {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items() if k != "lr"},
         "sched": OmegaConf.to_container(cfg.sched, resolve=True),
     }
+    cut = teacher_train_subset(cfg)
+    if cut is not None:  # the teacher learnt from a labelled fraction of the training split
+        identity["train_subset"] = cut
+    return identity
+
+
+def teacher_train_subset(cfg) -> dict | None:
+    """`transfer.labelled_fraction` < 1 (with its split seed): which part of the training split the teacher
+    trains on; None for all of it (the cache key of every earlier teacher)."""
+    transfer = cfg.get("transfer")
+    fraction = transfer.get("labelled_fraction", 1.0) if transfer is not None else 1.0
+    if fraction == 1.0:
+        return None
+    return {"labelled_fraction": float(fraction), "split_seed": int(transfer.get("split_seed", 0))}
 
 
 def teacher_identity(cfg) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -38,21 +39,48 @@ def autocast(settings: TrainSettings):
     return torch.autocast(settings.device.type, dtype=dtype)
 
 
+CLASS_COLUMNS_UP_TO = 20  # metrics.csv gets a test_acc_class<k> column per class up to this many classes
+CLASS_COLUMN = re.compile(r"test_acc_class\d+")
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, settings: TrainSettings) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy (%) over the loader."""
+def evaluate_classes(model: nn.Module, loader, settings: TrainSettings) -> tuple[float, float, list[float | None]]:
+    """Mean cross-entropy, top-1 accuracy (%) and each class's accuracy (%) over the loader (None for a
+    class the loader has no image of)."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=settings.device)
     correct = torch.zeros((), device=settings.device, dtype=torch.long)
+    per_class = per_count = None
     for images, labels, _ in loader:
         with autocast(settings):
             logits = model(images)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-        correct += (logits.argmax(1) == labels).sum()
+        hits = logits.argmax(1) == labels
+        correct += hits.sum()
+        k = logits.shape[1]
+        if per_class is None:
+            per_class = torch.zeros(k, device=settings.device, dtype=torch.long)
+            per_count = torch.zeros(k, device=settings.device, dtype=torch.long)
+        per_class += torch.bincount(labels[hits], minlength=k)
+        per_count += torch.bincount(labels, minlength=k)
     model.train(was_training)
     n = loader.num_samples
-    return loss_sum.item() / n, 100.0 * correct.item() / n
+    classes = [100.0 * c / m if m else None for c, m in zip(per_class.tolist(), per_count.tolist())]
+    return loss_sum.item() / n, 100.0 * correct.item() / n, classes
+
+
+def evaluate(model: nn.Module, loader, settings: TrainSettings) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy (%) over the loader."""
+    loss, accuracy, _ = evaluate_classes(model, loader, settings)
+    return loss, accuracy
+
+
+def class_columns(class_acc: list[float | None]) -> dict:
+    """`test_acc_class<k>` columns, for datasets of at most CLASS_COLUMNS_UP_TO classes."""
+    if len(class_acc) > CLASS_COLUMNS_UP_TO:
+        return {}
+    return {f"test_acc_class{k}": acc for k, acc in enumerate(class_acc)}
 
 
 class FiniteGuard:
@@ -125,7 +153,9 @@ def train_epoch(method: Method, loader, optimizer, scheduler, settings: TrainSet
         batch = labels.shape[0]
         sums.term_sums += values.detach() * batch
         sums.total_sum += total.detach().float() * batch
-        sums.correct += (out.logits.argmax(1) == labels).sum()
+        has_label = labels >= 0  # a transfer set's images without a label do not count for training accuracy
+        sums.correct += ((out.logits.argmax(1) == labels) & has_label).sum()
+        sums.labelled += has_label.sum()
         sums.seen += batch
         sums.batches += 1
         if on_step:
@@ -139,7 +169,8 @@ def train_epoch(method: Method, loader, optimizer, scheduler, settings: TrainSet
     seen = sums.seen
     stats = {f"loss_{n}": v / seen for n, v in zip(sums.names, sums.term_sums.tolist())}
     stats["train_loss"] = sums.total_sum.item() / seen
-    stats["train_acc"] = 100.0 * sums.correct.item() / seen
+    labelled = sums.labelled.item()
+    stats["train_acc"] = 100.0 * sums.correct.item() / labelled if labelled else float("nan")
     stats["steps"] = guard.checked
     return stats
 
@@ -147,7 +178,8 @@ def train_epoch(method: Method, loader, optimizer, scheduler, settings: TrainSet
 def fit(method: Method, train_loader, test_loader, stages: list[Stage], optim_cfg, sched_cfg, lr: float,
         settings: TrainSettings, progress, on_epoch: Callable[[dict, dict], None] | None = None,
         resume: ResumePoint | None = None, loader_rng: torch.Generator | None = None,
-        on_stop: Callable[[dict], None] | None = None) -> list[dict]:
+        on_stop: Callable[[dict], None] | None = None,
+        before_stage: Callable[[int, Stage, bool], None] | None = None) -> list[dict]:
     """Train through every stage; after each epoch evaluate every model the method reports and call
     `on_epoch(row, state)` with the metrics row and the state to checkpoint. Returns the rows trained here.
 
@@ -155,14 +187,20 @@ def fit(method: Method, train_loader, test_loader, stages: list[Stage], optim_cf
     replayed through the method's hooks only (they hold per-epoch state such as warm-up factors), then
     training continues with the restored optimizer, scheduler and scaler, from the middle of an epoch when
     the resume point has one. When a signal stops an epoch midway, `on_stop(state)` gets the state to
-    checkpoint that point (it needs `loader_rng`, the training loader's generator)."""
+    checkpoint that point (it needs `loader_rng`, the training loader's generator). `before_stage(index, stage,
+    fresh)` runs before every stage, replayed ones too (`fresh` False for those and for the stage resumed
+    into): a transfer set that grows by rounds adds that round's images there."""
     rows: list[dict] = []
     epoch = step = 0
     scaler = torch.amp.GradScaler(settings.device.type, enabled=settings.precision == "fp16")
     for index, stage in enumerate(stages):
         if resume is not None and index < resume.stage_index:
+            if before_stage is not None:
+                before_stage(index, stage, False)
             epoch = replay_epochs(method, stage, epoch, stage.epochs)
             continue
+        if before_stage is not None:
+            before_stage(index, stage, resume is None)
         method.begin_stage(stage)
         optimizer = build_optimizer(method.trainable_parameters(stage), optim_cfg, stage.lr or lr)
         stage_sched = CONSTANT_SCHEDULE if stage.constant_lr else sched_cfg
@@ -206,11 +244,16 @@ def fit(method: Method, train_loader, test_loader, stages: list[Stage], optim_cf
             train_seconds = time.perf_counter() - started
             step += stats.pop("steps")
             row = {"stage": stage.name, "epoch": epoch, "lr": lr_now, **stats}
-            evals = {name: evaluate(model, test_loader, settings) for name, model in method.eval_models().items()}
-            first = next(iter(evals))
-            row["test_loss"], row["test_acc"] = evals[first]
+            models = method.eval_models()
+            first = next(iter(models))
+            test_loss, test_acc, class_acc = evaluate_classes(models[first], test_loader, settings)
+            evals = {first: (test_loss, test_acc)}
+            evals.update({name: evaluate(model, test_loader, settings) for name, model in models.items()
+                          if name != first})
+            row["test_loss"], row["test_acc"] = test_loss, test_acc
             if len(evals) > 1:
                 row.update({f"test_acc_{name}": acc for name, (_, acc) in evals.items()})
+            row.update(class_columns(class_acc))
             row["epoch_s"] = time.perf_counter() - started
             row["images_per_s"] = train_loader.num_samples / train_seconds
             rows.append(row)

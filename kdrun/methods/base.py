@@ -27,6 +27,9 @@ from kdrun.errors import ConfigError
 from kdrun.features import FeatureTap, feature_shapes
 
 KL_REDUCTIONS = ("batchmean", "mean")
+# How much of the teacher a method may see (`teacher.access`), least first: a black box's softmax outputs,
+# its logits, or the whole module (features, gradients to the input).
+ACCESS_LEVELS = ("probabilities", "logits", "full")
 
 
 @dataclass
@@ -67,6 +70,13 @@ class Method(nn.Module):
     supervised_terms: ClassVar[tuple[str, ...]] = ("ce",)  # terms on the labels: kept after kd_until_epoch
     # The official code the loss and defaults follow, and any deliberate difference (`kdrun ls methods`).
     official_code: ClassVar[str] = ""
+    # The least teacher access the method's own loss needs besides features (a feature pair always needs
+    # `full`): `probabilities` for losses of the teacher's softmax alone, which a constant shift of the logits
+    # leaves unchanged (so log p_T stands in for the logits exactly), `logits` otherwise.
+    teacher_access: ClassVar[str] = "logits"
+    # True when the method's own terms or loader read the ground-truth labels (DKD's target class, CRD's class
+    # blocks, a peer's CE): a transfer set without labels refuses it.
+    uses_labels: ClassVar[bool] = False
 
     def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None, num_classes: int):
         super().__init__()
@@ -91,6 +101,9 @@ class Method(nn.Module):
         self.pairs: list[tuple[str, str]] = []  # [(student layer, teacher layer)] for feature methods
         self._student_tap: FeatureTap | None = None
         self._teacher_tap: FeatureTap | None = None
+        self.kd_divergence = "kl"  # the kd term's divergence: kl (Hinton), or js (SSLD's, under transfer=label_free)
+        self.teacher_queries = 0   # images the online teacher was run on (teacher.access=full)
+        self._answers: tuple[torch.Tensor | None] = (None,)  # a black box's stored answers, by transfer index
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -112,6 +125,10 @@ class Method(nn.Module):
 
     def teacher_layers(self) -> list[str]:
         return [t for _, t in self.pairs]
+
+    def required_teacher_access(self) -> str:
+        """`full` when the method reads teacher features, else its declared `teacher_access`."""
+        return "full" if self.teacher_layers() else self.teacher_access
 
     def build(self, s_shapes: dict[str, torch.Size], t_shapes: dict[str, torch.Size]) -> None:
         """Create adapters sized from the recorded feature shapes; raise ConfigError if pairs cannot match."""
@@ -185,13 +202,25 @@ class Method(nn.Module):
         return self.teacher is not None and self.distilling() and (
             self.step_weights().get("kd", 0.0) > 0 or bool(self.teacher_layers()))
 
-    def run_teacher(self, images: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    def use_teacher_answers(self, logits: torch.Tensor) -> None:
+        """Learn from a black box's stored answers (N x K logits, or log-probabilities, by transfer-set index)
+        instead of running the teacher: the method then sees neither its module nor its features."""
+        self._answers = (logits,)
+
+    def run_teacher(self, images: torch.Tensor, index: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Teacher forward in eval mode under inference_mode; outputs are cloned into normal tensors so the
-        student's loss may save them for backward."""
+        student's loss may save them for backward. With a black box's stored answers, those of `index`."""
         if not self.uses_teacher_outputs():
             return None, {}
+        answers = self._answers[0]
+        if answers is not None:
+            if index is None:
+                raise RuntimeError(f"{type(self).__name__}: a black box's answers are looked up by the batch's indices")
+            return answers[index].clone(), {}
         with torch.inference_mode():
             logits, feats = self._teacher_tap(images)
+        self.teacher_queries += images.shape[0]
         return logits.clone(), {k: v.clone() for k, v in feats.items()}
 
     def response_terms(self, fw: Forward) -> dict[str, torch.Tensor]:
@@ -202,11 +231,16 @@ class Method(nn.Module):
         if weights.get("ce", 0.0) != 0.0:
             terms["ce"] = F.cross_entropy(fw.s_logits, fw.labels)
         if weights.get("kd", 0.0) != 0.0:
-            terms["kd"] = kd_loss(fw.s_logits, fw.t_logits, self.T, self.kl_reduction)
+            if self.kd_divergence == "js":
+                from kdrun.methods.kd import symmetric_kl_loss
+
+                terms["kd"] = symmetric_kl_loss(fw.s_logits, fw.t_logits)
+            else:
+                terms["kd"] = kd_loss(fw.s_logits, fw.t_logits, self.T, self.kl_reduction)
         return terms
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        t_logits, t_feats = self.run_teacher(images)
+        t_logits, t_feats = self.run_teacher(images, index)
         s_logits, s_feats = self._student_tap(images)
         fw = Forward(s_logits, t_logits, s_feats, t_feats, labels, index)
         terms = self.response_terms(fw)

@@ -10,6 +10,7 @@ class CE(Method):
     """No distillation: the student trained on labels alone (the baseline)."""
 
     official_code = "- (plain cross-entropy, the student baseline)"
+    uses_labels = True  # a transfer set without labels refuses it
 
     needs_teacher = False
 

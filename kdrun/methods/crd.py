@@ -152,6 +152,7 @@ class CRD(Method):
     """
 
     official_code = "RepDistiller crd/criterion.py + crd/memory.py (memory banks on the device)"
+    uses_labels = True  # a transfer set without labels refuses it
 
     term_names = ("crd",)
 

@@ -86,6 +86,7 @@ class CSKD(Method):
     """
 
     official_code = "alinlab/cs-kd train.py::KDLoss (class-paired batches drawn on the device)"
+    uses_labels = True  # a transfer set without labels refuses it
 
     needs_teacher = False
 

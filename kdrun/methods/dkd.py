@@ -45,6 +45,8 @@ class DKD(Method):
     weight of an optional Hinton KD term (0 by default)."""
 
     official_code = "mdistiller mdistiller/distillers/DKD.py (linear warm-up over `warmup` epochs as its configs)"
+    uses_labels = True  # a transfer set without labels refuses it
+    teacher_access = "probabilities"  # softmax of the teacher only: log p_T serves as its logits
 
     term_names = ("dkd",)
 

@@ -113,6 +113,7 @@ class DML(PeerMethod):
     official_code = ("YingZhangDUT/Deep-Mutual-Learning train_models.py (TensorFlow; KL(p_j || p_i) batchmean, "
                      "summed over the K-1 peers: mutual_reduction=sum; mean is the paper's); differences: peers "
                      "step together on one batch, not in turn on fresh batches; no 1e-8 inside the log")
+    uses_labels = True  # a transfer set without labels refuses it
 
     @classmethod
     def configure(cls, cfg) -> None:

@@ -140,6 +140,7 @@ class IFM(Method):
 
     official_code = ("passalis/pkth (cifar10/exp0-exp2, nn/pkt_transfer.py); differs: the run's optimizer "
                      "(there Adam, lr 1e-3), CE kept beside the flow terms")
+    uses_labels = True  # a transfer set without labels refuses it
 
     def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None, num_classes: int):
         super().__init__(cfg, student, teacher, num_classes)

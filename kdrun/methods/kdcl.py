@@ -105,6 +105,7 @@ class KDCL(PeerMethod):
     """
 
     official_code = "- (no official code was released; follows the paper, all peers on one augmented batch)"
+    uses_labels = True  # a transfer set without labels refuses it
 
     @classmethod
     def configure(cls, cfg) -> None:

@@ -20,6 +20,7 @@ class LabelSmoothing(Method):
     """Szegedy et al. 2016, Rethinking the Inception Architecture: label smoothing, a teacher-free regulariser."""
 
     official_code = "- (Szegedy et al. 2016 label smoothing; no teacher)"
+    uses_labels = True  # a transfer set without labels refuses it
 
     needs_teacher = False
     term_names = ("ls",)

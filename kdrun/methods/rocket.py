@@ -111,6 +111,7 @@ class RocketLaunching(Method):
                      "detached; stem conv and first blocks' convs shared, BN separate); differences: divides by "
                      "the actual batch, not the fixed --batchSize; kdrun ResNets' stem and shortcut BNs are "
                      "separate too; rocket_bottom.py's sharing is not offered")
+    uses_labels = True  # a transfer set without labels refuses it
 
     @classmethod
     def configure(cls, cfg) -> None:

@@ -49,6 +49,7 @@ class TfKDReg(Method):
     needs_teacher = False
     official_code = ("yuanli2333/Teacher-free-Knowledge-Distillation my_loss_function.py::loss_kd_regularization "
                      "(`a` is a key; theirs hard-codes 0.99)")
+    uses_labels = True  # a transfer set without labels refuses it
 
     @classmethod
     def configure(cls, cfg) -> None:

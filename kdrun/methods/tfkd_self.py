@@ -23,6 +23,7 @@ class TfKDSelf(KD):
     """
 
     official_code = "yuanli2333/Teacher-free-Knowledge-Distillation my_loss_function.py::loss_kd_self"
+    uses_labels = True  # a transfer set without labels refuses it
 
     @classmethod
     def configure(cls, cfg) -> None:

@@ -1,0 +1,142 @@
+"""`transfer=label_free` (SSLD, Cui et al. 2021; PaddleClas): the student never sees a ground-truth label;
+its loss uses only the teacher's outputs, with `transfer.divergence` (kl, or SSLD's js).
+
+`transfer.unlabelled=<dataset>|<folder>` adds images without labels; `transfer.select=per_class_top` with
+`transfer.per_class=N` keeps, per class the teacher predicts, the N images it is most confident about among
+the unlabelled ones (SSLD's selection); the teacher's own training images are always kept.
+`transfer.labelled_fraction=f` trains the teacher on a stratified fraction f of the training split and gives
+the rest to the student as unlabelled images (the semi-supervised setting)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from kdrun.checkpoint import load_verified, save_checkpoint
+from kdrun.errors import ConfigError, DamagedFile
+from kdrun.progress import print_error
+from kdrun.transfer.base import NO_LABEL, TransferSet, positive_int, require_in_memory
+from kdrun.transfer.labelled import labelled_split
+from kdrun.transfer.pools import load_pool
+from kdrun.transfer.registry import register_transfer
+
+DIVERGENCES = ("kl", "js")
+SELECTIONS = ("all", "per_class_top")
+
+
+class LabelFreeSet(TransferSet):
+    """The student's images: the teacher's training images, then the unlabelled candidates (the rest of the
+    training split, then the pool); `candidates` marks the latter, which a selection filters."""
+
+    candidates: torch.Tensor
+    per_class: int | None = None
+
+    @property
+    def cuttable(self) -> bool:
+        return self.per_class is None
+
+    def planned_queries(self) -> int:
+        if self.per_class is None:
+            return self.size
+        # every candidate is scored, then the kept images are labelled (a selected one's score is reused)
+        return self.size + min(int(self.candidates.sum()), self.per_class * self.teacher_data.num_classes)
+
+    def after_teacher(self, ask, settings, cache_dir: Path | None) -> None:
+        if self.per_class is None:
+            return
+        cached = read_selection(cache_dir)
+        if cached is not None:  # its scoring queries were paid when it was made: they still count
+            keep, answers, queries = cached
+            ask.queries_before += queries
+        else:
+            asked = ask.queries
+            keep, answers = select_per_class_top(ask, self.images, self.candidates, self.per_class)
+            write_selection(cache_dir, keep, answers, ask.queries - asked)
+        self.subset(keep)
+        self.answers = answers  # the kept images' answers (NaN: not asked yet)
+        self.record.update(transfer_selected=int(self.candidates[keep].sum()), transfer_size=self.size)
+        self.candidates = self.candidates[keep]
+
+
+def select_per_class_top(ask, images: torch.Tensor, candidates: torch.Tensor, per_class: int):
+    """Indices to keep (every non-candidate, and per predicted class the `per_class` candidates with the
+    highest teacher probability), and the teacher's answers for the kept images (NaN: not asked)."""
+    where = torch.nonzero(candidates).flatten()
+    answers = ask.answers(images[where])
+    probs = ask.probabilities(answers)
+    confidence, predicted = probs.max(1)
+    chosen = []
+    for cls in torch.unique(predicted).tolist():
+        members = torch.nonzero(predicted == cls).flatten()
+        top = members[torch.argsort(confidence[members].cpu(), descending=True, stable=True)[:per_class].to(members.device)]
+        chosen.append(top)
+    chosen = torch.sort(torch.cat(chosen).cpu()).values
+    keep = torch.sort(torch.cat([torch.nonzero(~candidates).flatten(), where[chosen]])).values
+    table = torch.full((len(images), answers.shape[1]), float("nan"))
+    table[where[chosen]] = answers[chosen.to(answers.device)].float().cpu()
+    return keep, table[keep]
+
+
+def read_selection(cache_dir: Path | None):
+    if cache_dir is None or not (cache_dir / "selection.pt").is_file():
+        return None
+    try:
+        state, _ = load_verified(cache_dir / "selection.pt")
+    except DamagedFile as exc:
+        print_error("kdrun:", f"transfer selection {cache_dir} is damaged ({exc.reason}); selecting again")
+        return None
+    return state["keep"], state["answers"], int(state["queries"])
+
+
+def write_selection(cache_dir: Path | None, keep: torch.Tensor, answers: torch.Tensor, queries: int) -> None:
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(cache_dir / "selection.pt", {"keep": keep, "answers": answers, "queries": queries})
+
+
+@register_transfer("label_free", "SSLD: the teacher's outputs only, no ground-truth label; unlabelled pools, "
+                                 "per-class top selection, labelled_fraction")
+def build(cfg, data) -> TransferSet:
+    require_in_memory(cfg, data, "label_free")
+    node = cfg.transfer
+    if node.get("divergence") not in DIVERGENCES:
+        raise ConfigError(f"transfer.divergence={node.get('divergence')} is not allowed: one of {', '.join(DIVERGENCES)}")
+    if node.get("select") not in SELECTIONS:
+        raise ConfigError(f"transfer.select={node.get('select')} is not allowed: one of {', '.join(SELECTIONS)}")
+    per_class = positive_int(cfg, "per_class") if node.select == "per_class_top" else None
+    if node.select == "all" and node.get("per_class") is not None:
+        raise ConfigError("transfer.per_class is not allowed with transfer.select=all: give "
+                          "transfer.select=per_class_top")
+    teacher_data, rest, cut = labelled_split(cfg, data, "label_free")
+    parts = [teacher_data.train_images]
+    if rest is not None:
+        parts.append(data.train_images[rest])
+    record = {"transfer_labelled_images": len(teacher_data.train_labels),
+              "transfer_unlabelled_images": 0 if rest is None else len(rest)}
+    if node.get("unlabelled") is not None:
+        pool, about = load_pool("transfer.unlabelled", node.unlabelled, data.image_shape, bool(node.get("resize")),
+                                node.get("root"))
+        parts.append(pool)
+        record.update(transfer_pool_images=len(pool), transfer_pool_converted=about["converted"])
+        record["transfer_unlabelled_images"] += len(pool)
+    if per_class is not None and record["transfer_unlabelled_images"] == 0:
+        raise ConfigError("transfer.select=per_class_top is not allowed without unlabelled images: give "
+                          "transfer.unlabelled or transfer.labelled_fraction < 1")
+    images = torch.cat(parts)
+    candidates = torch.zeros(len(images), dtype=torch.bool)
+    candidates[len(teacher_data.train_labels):] = True
+    transfer = LabelFreeSet("label_free", images, torch.full((len(images),), NO_LABEL, dtype=torch.long),
+                            teacher_data, has_labels=False, record=record, teacher_subset=cut)
+    transfer.candidates, transfer.per_class = candidates, per_class
+    return transfer
+
+
+def selection_key(cfg, teacher_sha256: str) -> str:
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(cfg.transfer, resolve=True)
+    dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k != "root"}
+    blob = json.dumps({"teacher": teacher_sha256, "transfer": node, "dataset": dataset}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
