@@ -61,6 +61,7 @@ class Restored:
     point: ResumePoint
     rows: list[dict]
     wall_s: float
+    teacher_queries: int = 0  # images the online teacher had been run on (mid-epoch included)
 
 
 def restore_training(path: Path, method, loader_rng, device: torch.device) -> Restored | None:
@@ -86,7 +87,8 @@ def restore_training(path: Path, method, loader_rng, device: torch.device) -> Re
         print_error("kdrun:", f"resuming with {threads} CPU threads, as the run trained (this process had "
                               f"{torch.get_num_threads()}): sums over another thread count differ in the last bits")
         torch.set_num_threads(threads)
-    return Restored(ResumePoint.from_state(state), state["rows"], float(state.get("wall_s") or 0.0))
+    return Restored(ResumePoint.from_state(state), state["rows"], float(state.get("wall_s") or 0.0),
+                    int(state.get("teacher_queries") or 0))
 
 
 class DamagedCheckpoint(Exception):

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from conftest import compose_config
 from kdrun.data import load_dataset, make_loaders

@@ -285,7 +285,6 @@ class BSS(Method):
             x_adv = bss_attack(teacher, base_images, targets, self.steps, self.eta, self.eps, self.clamp)
         with torch.no_grad():
             t_adv = self.teacher(x_adv)
-        if hasattr(self, "teacher_queries"):  # the attack's teacher passes count as images it was run on
-            self.teacher_queries += sum(asked) + x_adv.shape[0]
+        self.teacher_queries += sum(asked) + x_adv.shape[0]  # the attack's passes count as images the teacher saw
         s_adv = self.student(x_adv)
         return bss_loss(s_adv, t_adv, weights, self.T, self.bss_kl), int(x_adv.shape[0])

@@ -15,8 +15,10 @@ from kdrun.transfer import active_mixup, label_free, labelled, omit_classes, oth
 def build_transfer(cfg, data) -> TransferSet:
     """The transfer set `cfg.transfer` names, cut to `teacher.query_budget` where a black box labels it."""
     transfer = TRANSFERS.get(cfg.transfer.name)(cfg, data)
-    access_of(cfg)
-    budget = query_budget(cfg) if cfg.get("teacher") is not None else None
+    if access_of(cfg) != "full" and transfer.images is None:
+        raise ConfigError(f"teacher.access={cfg.teacher.access} is not allowed with dataset={cfg.dataset.name}: a "
+                          "black box labels an in-memory transfer set once, not an image folder's augmented batches")
+    budget = query_budget(cfg)
     if budget is not None:
         apply_budget(cfg, transfer, budget)
     if transfer.size < cfg.batch_size:
@@ -46,6 +48,7 @@ def apply_budget(cfg, transfer: TransferSet, budget: int) -> None:
 def check_transfer_method(cfg, transfer: TransferSet, method) -> None:
     """A transfer set without labels takes only methods whose loss is the teacher's outputs alone."""
     check_method_access(cfg, method)
+    transfer.check_method(cfg, method)
     if transfer.has_labels:
         return
     name = cfg.transfer.name

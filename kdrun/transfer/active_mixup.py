@@ -76,8 +76,22 @@ class ActiveMixupSet(TransferSet):
     def planned_queries(self) -> int:
         return len(self.pool) + self.rounds * self.per_round
 
+    def check_method(self, cfg, method) -> None:
+        if len(method.stages(cfg.epochs)) > 1:
+            raise ConfigError(f"method={cfg.method.name} is not allowed with transfer=active_mixup: its stages (a "
+                              "preliminary stage) do not fit the rounds; use a single-stage method such as kd")
+
+    def bind(self, method) -> None:
+        self.initial_state = copy.deepcopy(method.state_dict())  # where each round starts under retrain=scratch
+
     def stages(self, method_stages: list[Stage], epochs: int) -> list[Stage]:
         return [Stage(f"round{r}", epochs) for r in range(self.rounds + 1)]
+
+    def stage_hook(self, run):
+        return lambda index, stage, fresh: self.begin_round(index, fresh, run)
+
+    def annotate(self, row: dict) -> None:
+        row["round"] = int(row["stage"].removeprefix("round"))
 
     def begin_round(self, r: int, fresh: bool, run) -> None:
         """Round r's queried images join the set: read back from the run directory when an earlier attempt
@@ -174,8 +188,3 @@ def build(cfg, data) -> TransferSet:
     transfer.round_sizes, transfer.parts, transfer.answer_parts, transfer.all_answers = [], [], [], None
     return transfer
 
-
-def remember_initial_state(transfer: TransferSet, method) -> None:
-    """The weights each round starts from under retrain=scratch (the student as it was built)."""
-    if isinstance(transfer, ActiveMixupSet):
-        transfer.initial_state = copy.deepcopy(method.state_dict())

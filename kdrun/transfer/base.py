@@ -59,6 +59,23 @@ class TransferSet:
         if self.answers is not None:
             self.answers = self.answers[index]
 
+    def check_method(self, cfg, method) -> None:
+        """Refuse a method the option cannot serve (one line, before anything is written)."""
+
+    def bind(self, method) -> None:
+        """Remember what the option needs of the method as it was built (its initial weights, say)."""
+
+    def stages(self, method_stages: list, epochs: int) -> list:
+        """The stages the student trains through: the method's own, unless the set grows by rounds."""
+        return method_stages
+
+    def stage_hook(self, run):
+        """`fit`'s before_stage callback for a set that grows stage by stage (None: it does not)."""
+        return None
+
+    def annotate(self, row: dict) -> None:
+        """Columns the option adds to a metrics row (active mixup's round)."""
+
     def after_teacher(self, ask, settings, cache_dir) -> None:
         """Work that needs the trained teacher (`ask`: images -> answers, counted), before the student trains:
         a selection by the teacher's confidence, say. Nothing by default."""
