@@ -104,6 +104,8 @@ class Method(nn.Module):
         self.kd_divergence = "kl"  # the kd term's divergence: kl (Hinton), or js (SSLD's, under transfer=label_free)
         self.teacher_queries = 0   # images the online teacher was run on (teacher.access=full)
         self._answers: tuple[torch.Tensor | None] = (None,)  # a black box's stored answers, by transfer index
+        self.train_mode_hooks: list = []  # called with the method after every train()/eval() (a transfer set
+                                          # that keeps the student's BN layers in eval mode, say)
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -252,4 +254,6 @@ class Method(nn.Module):
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()  # the teacher stays in eval mode whatever the runner does
+        for hook in getattr(self, "train_mode_hooks", ()):  # nn.Module.__init__ calls train() before it exists
+            hook(self)
         return self

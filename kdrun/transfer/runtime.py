@@ -109,9 +109,10 @@ def student_loaders(transfer: TransferSet, data, batch_size: int, device, seed: 
     test loader. The default transfer set is the training split itself: the same loader as ever."""
     from kdrun.data import TensorLoader, make_loaders
 
-    train, test = make_loaders(data, batch_size, device, seed, eval_batch_size)
     if transfer.images is None:
-        return train, test
+        return make_loaders(data, batch_size, device, seed, eval_batch_size)
+    # Built from the transfer set alone: a set that is not the training split never reads it.
     train = TensorLoader(transfer.images, transfer.labels, batch_size, data.mean, data.std, device, train=True,
                          crop_padding=data.crop_padding, hflip=data.hflip, seed=seed)
+    test = TensorLoader(data.test_images, data.test_labels, eval_batch_size, data.mean, data.std, device, train=False)
     return train, test
