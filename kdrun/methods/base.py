@@ -254,6 +254,6 @@ class Method(nn.Module):
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()  # the teacher stays in eval mode whatever the runner does
-        for hook in getattr(self, "train_mode_hooks", ()):  # nn.Module.__init__ calls train() before it exists
+        for hook in self.train_mode_hooks:
             hook(self)
         return self
