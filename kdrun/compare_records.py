@@ -35,7 +35,7 @@ KEPT = "_kept"  # in the repeats listing: the repeat that stays in the mean
 JSON_KINDS = ((bool, "a boolean"), (numbers.Number, "a number"), (str, "a string"), (list, "an array"))
 
 # Always shown when they vary, even when another shown key already tells the rows apart.
-CORE_KEYS = ("method", "teacher", "student", "dataset")
+CORE_KEYS = ("method", "teacher", "student", "dataset", "transfer")
 BASELINE_METHOD = "ce"
 # A baseline must have trained the same student the same way, so that the delta measures the teacher alone.
 BASELINE_KEYS = ("student", "dataset", "epochs", "batch_size", "lr", "precision")

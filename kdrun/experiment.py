@@ -27,6 +27,7 @@ from kdrun.storage import check_output_space
 from kdrun.teachers import check_snapshot_epoch, model_options_of, resolve_teacher
 from kdrun.train import TrainSettings, fit
 from kdrun.transfer import TransferSet, build_transfer, check_transfer_method
+from kdrun.transfer.bias_shift import correct_omitted_classes
 from kdrun.transfer.runtime import TransferRun, student_loaders, teacher_client
 from kdrun.validate import check_config, check_data_fits, resolve_device
 
@@ -156,6 +157,9 @@ def execute(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
                 on_stop=save_state, before_stage=before_stage)
         record.update(summarise(rows, method))
         record.update(after_training(plan, transfer_run))
+        if plan.transfer.val is not None:  # omitted classes: the bias shift, chosen on the held-out split
+            student = next(iter(method.eval_models().values()))
+            record.update(correct_omitted_classes(cfg, student, plan.transfer.val, data, plan.test_loader, settings))
         record["status"] = "completed"
     except BaseException as exc:
         record.update(outcome_of(exc, rows))

@@ -18,7 +18,6 @@ from kdrun.methods import METHODS, Method
 from kdrun.resume import DeviceMismatch
 from kdrun.teachers import DATASET_LOCATION_KEYS, model_options_of
 from kdrun.train import CLASS_COLUMN, NonFiniteLoss, evaluate_classes
-from kdrun.transfer.bias_shift import correct_omitted_classes
 
 DEFAULT_TRANSFER = {"name": "labelled", "labelled_fraction": 1.0, "split_seed": 0}
 
@@ -107,16 +106,13 @@ def interruption_message(exc: BaseException, rows: list[dict]) -> str:
 
 def after_training(plan, transfer_run) -> dict:
     """What the record adds once the student is trained: per-class test accuracy, the teacher's query count
-    and, for omitted classes with `bias_shift=auto`, the shift and the accuracies before and after it."""
+    (the bias shift of omitted classes is `transfer.bias_shift.correct_omitted_classes`, applied after this)."""
     student = next(iter(plan.method.eval_models().values()))
     _, _, class_acc = evaluate_classes(student, plan.test_loader, plan.settings)
     extra = {"class_acc": class_acc, "transfer_size": plan.transfer.size}
     if transfer_run is not None:
         extra["teacher_queries"] = transfer_run.queries + plan.method.teacher_queries
         extra.update(transfer_run.notes)
-    if plan.transfer.val is not None:
-        extra.update(correct_omitted_classes(plan.cfg, student, plan.transfer.val, plan.data, plan.test_loader,
-                                             plan.settings))
     return extra
 
 

@@ -56,6 +56,7 @@ def test_pair_scores_take_each_pairs_least_confident_lambda():
     (("teacher.access=full",), r"transfer=active_mixup is not allowed with teacher.access=full: .*probabilities"),
     (("transfer.pool_size=5000",), r"transfer.pool_size=5000 is not allowed: the training split of digits has 1437"),
     (("transfer.pool_size=11", "transfer.rounds=3", "transfer.per_round=20"), r"a pool of 11 offers 55 pairs"),
+    (("transfer.rounds=0",), r"transfer.rounds=0 is not allowed: an integer >= 1"),
     (("transfer.lambdas=[0,0.5]",), r"transfer.lambdas=.* is not allowed: a list of mixing weights in \(0, 1\)"),
     (("transfer.acquisition=entropy",), r"transfer.acquisition=entropy is not allowed: one of least_confident, random"),
     (("teacher.query_budget=100",), r"teacher.query_budget=100 is not allowed: transfer=active_mixup as configured "

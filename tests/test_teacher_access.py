@@ -99,3 +99,22 @@ def test_full_access_counts_every_image_the_teacher_runs_on():
     plan.method(images, labels, index)
     plan.method(images, labels, index)
     assert plan.method.teacher_queries == 2 * len(labels)
+
+
+def test_the_budget_counts_answers_read_back_from_files(tmp_path):
+    cfg = compose_config(*BOX, "teacher.access=probabilities", "teacher.query_budget=300", f"results_dir={tmp_path}")
+    plan = prepare(cfg)
+    settings = TrainSettings(torch.device("cpu"))
+    run = TransferRun(cfg, plan.transfer, plan.method, plan.student_loader,
+                      teacher_client(cfg, plan.teacher, plan.data, settings), tmp_path, settings)
+    run.count_earlier(250)  # e.g. a cached selection's scoring
+    with pytest.raises(RuntimeError, match="query budget is spent: 250 of 300 images asked, 64 more wanted"):
+        run.answers(plan.transfer.images[:64])
+
+
+def test_a_black_box_method_never_falls_back_to_the_module():
+    plan = prepare(compose_config(*BOX, "teacher.access=probabilities"))
+    plan.method.use_black_box()
+    images, labels, index = next(iter(plan.train_loader))
+    with pytest.raises(RuntimeError, match="the teacher is a black box and no stored answers are set"):
+        plan.method(images, labels, index)

@@ -141,3 +141,36 @@ def test_per_class_top_keeps_the_most_confident_unlabelled_images_of_each_predic
     assert teacher.queries == 9  # every candidate scored once
     assert torch.isnan(answers[:3]).all()  # not asked: labelled later
     assert not torch.isnan(answers[3:]).any()
+
+
+def test_selection_cache_key_follows_access_and_images_not_the_loss(tmp_path):
+    from kdrun.transfer.label_free import selection_key
+
+    folder = write_folder(tmp_path / "pool", 5)
+    base = (*LABEL_FREE, f"transfer.unlabelled={folder}", "transfer.select=per_class_top", "transfer.per_class=3")
+    data = load_dataset(compose_config().dataset)
+
+    def key(*extra):
+        cfg = compose_config(*base, *extra)
+        transfer = build_transfer(cfg, data)
+        return selection_key(cfg, "sha", transfer.images, transfer.candidates)
+
+    first = key()
+    assert key("transfer.divergence=kl") == first  # the loss does not change the selection
+    assert key("teacher.access=probabilities") != first  # its stored answers are probabilities, not logits
+    write_folder(tmp_path / "pool", 5, seed=1)  # the same path, other images
+    assert key() != first
+
+
+def test_a_selection_made_with_logits_is_not_reused_as_probabilities(kdrun):
+    common = ("teacher=resnet8", "student=resnet8", "transfer=label_free", "method.alpha=1",
+              "transfer.labelled_fraction=0.5", "transfer.select=per_class_top", "transfer.per_class=20")
+    assert kdrun(*common)[0] == 0
+    code, records = kdrun(*common, "teacher.access=probabilities", "teacher.query_budget=1437")
+    assert code == 0  # the whole set's size is the plan: scored candidates' answers are their labels
+    record = next(r for r in records if r["teacher.access"] == "probabilities")
+    from kdrun.checkpoint import load_verified
+
+    answers = load_verified(Path(record["run_dir"]) / "transfer" / "answers.pt")[0]["answers"]
+    assert torch.allclose(answers.sum(1), torch.ones(len(answers)), atol=1e-5) and (answers >= 0).all()
+    assert record["teacher_queries"] == 1437

@@ -97,10 +97,19 @@ def test_other_dataset_learns_from_a_folder_without_labels(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (("transfer.images=digits",), r"transfer.images=digits is not allowed: it is the dataset itself"),
     ((), r"transfer.images is not set"),
-    (("transfer.images=mnist", "dataset.root=/nonexistent"), r"dataset.root"),
+    (("transfer.images=mnist", "transfer.root=/nonexistent"),
+     r"transfer.images=mnist: transfer.root=/nonexistent has no MNIST files .*transfer.download=true"),
 ])
-def test_other_dataset_refusals(overrides, message, tmp_path):
-    overrides = [o.replace("dataset.root", "transfer.root") for o in overrides]
+def test_other_dataset_refusals(overrides, message):
     cfg = compose_config("transfer=other_dataset", "method.alpha=1", "results_dir=/nonexistent", *overrides)
     with pytest.raises(ConfigError, match=message):
+        prepare(cfg)
+
+
+def test_bias_shift_needs_a_classifier_bias_and_says_so_before_training():
+    cfg = compose_config("dataset=linear_teacher", "student=linear", "method=ce", "transfer=omit_classes",
+                         "transfer.classes=[1]", "transfer.bias_shift=auto", "batch_size=16",
+                         "results_dir=/nonexistent")
+    with pytest.raises(ConfigError, match=r"transfer.bias_shift=auto is not allowed with student=linear: .*no linear "
+                                          r"classifier with a bias"):
         prepare(cfg)

@@ -204,6 +204,10 @@ class Method(nn.Module):
         return self.teacher is not None and self.distilling() and (
             self.step_weights().get("kd", 0.0) > 0 or bool(self.teacher_layers()))
 
+    def use_black_box(self) -> None:
+        """From now on the teacher is a black box: its stored answers, never its module."""
+        self._black_box = True
+
     def use_teacher_answers(self, logits: torch.Tensor) -> None:
         """Learn from a black box's stored answers (N x K logits, or log-probabilities, by transfer-set index)
         instead of running the teacher: the method then sees neither its module nor its features."""
@@ -216,6 +220,8 @@ class Method(nn.Module):
         if not self.uses_teacher_outputs():
             return None, {}
         answers = self._answers[0]
+        if answers is None and getattr(self, "_black_box", False):
+            raise RuntimeError(f"{type(self).__name__}: the teacher is a black box and no stored answers are set")
         if answers is not None:
             if index is None:
                 raise RuntimeError(f"{type(self).__name__}: a black box's answers are looked up by the batch's indices")

@@ -9,7 +9,7 @@ from kdrun.errors import ConfigError
 from kdrun.teacher_access import access_of, check_method_access, query_budget
 from kdrun.transfer.base import NO_LABEL, TransferSet, option_keys
 from kdrun.transfer.registry import TRANSFERS, register_transfer
-from kdrun.transfer import active_mixup, label_free, labelled, omit_classes, other_dataset  # noqa: F401  (registers)
+from kdrun.transfer import active_mixup, label_free, labelled, omit_classes, other_dataset, synthetic  # noqa: F401  (registers)
 
 
 def build_transfer(cfg, data) -> TransferSet:

@@ -13,6 +13,7 @@ lambdas at random instead (the baseline at the same number of queries)."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,18 +61,26 @@ def pair_scores(student, images: torch.Tensor, pairs: torch.Tensor, lambdas: tor
     return best, lambdas[which]
 
 
+@dataclass(eq=False)
 class ActiveMixupSet(TransferSet):
     """The pool, the queried images so far (round by round) and the pairs still on offer."""
 
-    pool: torch.Tensor
-    pairs: torch.Tensor
-    lambdas: torch.Tensor
-    rounds: int
-    per_round: int
-    acquisition: str
-    retrain: str
+    pool: torch.Tensor | None = None      # uint8 images drawn from the training split, their labels unread
+    pairs: torch.Tensor | None = None     # P x 2 candidate pairs of pool indices
+    lambdas: torch.Tensor | None = None   # the mixing weights each pair is tried at
+    rounds: int = 0
+    per_round: int = 0
+    acquisition: str = "least_confident"
+    retrain: str = "scratch"
+    available: torch.Tensor | None = None  # P booleans: pairs not chosen yet
+    round_sizes: list = field(default_factory=list)
+    parts: list = field(default_factory=list)         # each round's images
+    answer_parts: list = field(default_factory=list)  # each round's answers
+    all_answers: torch.Tensor | None = None
+    initial_state: dict | None = None     # the method as built: where each round starts under retrain=scratch
 
     cuttable = False
+    labels_up_front = False  # asked round by round
 
     def planned_queries(self) -> int:
         return len(self.pool) + self.rounds * self.per_round
@@ -82,7 +91,7 @@ class ActiveMixupSet(TransferSet):
                               "preliminary stage) do not fit the rounds; use a single-stage method such as kd")
 
     def bind(self, method) -> None:
-        self.initial_state = copy.deepcopy(method.state_dict())  # where each round starts under retrain=scratch
+        self.initial_state = copy.deepcopy(method.state_dict())
 
     def stages(self, method_stages: list[Stage], epochs: int) -> list[Stage]:
         return [Stage(f"round{r}", epochs) for r in range(self.rounds + 1)]
@@ -101,7 +110,7 @@ class ActiveMixupSet(TransferSet):
         stored = run.load(f"round{r}")
         if stored is None:
             images, pair_index, lambdas = self.choose(r, run)
-            answers = run.client.answers(images).float().cpu()
+            answers = run.answers(images).float().cpu()
             stored = {"images": images, "pair_index": pair_index, "pairs": self.pairs[pair_index],
                       "lambdas": lambdas, "answers": answers, "queries": run.queries}
             run.save(f"round{r}", stored)
@@ -114,7 +123,8 @@ class ActiveMixupSet(TransferSet):
         run.refresh_loader()
         run.notes["queries_per_round"] = list(self.round_sizes)
 
-    def choose(self, r: int, run) -> tuple[torch.Tensor, torch.Tensor]:
+    def choose(self, r: int, run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Round r's images, the indices of their pairs and their lambdas (round 0: the pool itself)."""
         if r == 0:
             return self.pool, torch.empty(0, dtype=torch.long), torch.empty(0)
         remaining = torch.nonzero(self.available).flatten()
@@ -168,7 +178,7 @@ def build(cfg, data) -> TransferSet:
     if pool_size > n_train:
         raise ConfigError(f"transfer.pool_size={pool_size} is not allowed: the training split of "
                           f"{cfg.dataset.name} has {n_train} images")
-    rounds, per_round = positive_int(cfg, "rounds", 0), positive_int(cfg, "per_round")
+    rounds, per_round = positive_int(cfg, "rounds"), positive_int(cfg, "per_round")
     for key, allowed in (("acquisition", ACQUISITIONS), ("retrain", RETRAINS)):
         if cfg.transfer.get(key) not in allowed:
             raise ConfigError(f"transfer.{key}={cfg.transfer.get(key)} is not allowed: one of {', '.join(allowed)}")
@@ -178,13 +188,9 @@ def build(cfg, data) -> TransferSet:
     if rounds * per_round > len(pairs):
         raise ConfigError(f"transfer.rounds={rounds} x transfer.per_round={per_round} is not allowed: a pool of "
                           f"{pool_size} offers {len(pairs)} pairs")
-    transfer = ActiveMixupSet("active_mixup", pool, torch.full((pool_size,), NO_LABEL, dtype=torch.long), data,
-                              has_labels=False, record={"transfer_pool_images": pool_size,
-                                                        "transfer_candidate_pairs": len(pairs)})
-    transfer.pool, transfer.pairs, transfer.lambdas = pool, pairs, lambdas_of(cfg)
-    transfer.rounds, transfer.per_round = rounds, per_round
-    transfer.acquisition, transfer.retrain = cfg.transfer.acquisition, cfg.transfer.retrain
-    transfer.available = torch.ones(len(pairs), dtype=torch.bool)
-    transfer.round_sizes, transfer.parts, transfer.answer_parts, transfer.all_answers = [], [], [], None
-    return transfer
-
+    return ActiveMixupSet("active_mixup", pool, torch.full((pool_size,), NO_LABEL, dtype=torch.long), data,
+                          has_labels=False, record={"transfer_pool_images": pool_size,
+                                                    "transfer_candidate_pairs": len(pairs)},
+                          pool=pool, pairs=pairs, lambdas=lambdas_of(cfg), rounds=rounds, per_round=per_round,
+                          acquisition=cfg.transfer.acquisition, retrain=cfg.transfer.retrain,
+                          available=torch.ones(len(pairs), dtype=torch.bool))

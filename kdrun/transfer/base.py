@@ -34,7 +34,6 @@ class TransferSet:
     has_labels: bool = True
     val: tuple[torch.Tensor, torch.Tensor] | None = None
     record: dict = field(default_factory=dict)
-    teacher_subset: dict | None = None  # how the teacher's training split was cut (part of its cache key)
     # The teacher's answers per image once known (N x K; NaN rows: not asked yet), e.g. from a selection.
     answers: torch.Tensor | None = None
 
@@ -49,6 +48,11 @@ class TransferSet:
         return len(self.teacher_data.train)  # an image folder
 
     cuttable = True  # a query budget may cut it to a random subset (not a selection, not rounds)
+    labels_up_front = True  # a black box labels the whole set before training (active mixup asks by rounds)
+
+    def cache_name(self, cfg, teacher_sha256: str) -> str | None:
+        """The folder under `<results_dir>/transfer_sets/` caching the option's teacher work (None: none)."""
+        return None
 
     def planned_queries(self) -> int:
         """Images a black box is asked about before training: the set itself (a selection adds its candidates)."""

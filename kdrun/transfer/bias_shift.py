@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-SHIFT_GRID = torch.arange(-200, 201) * 0.05  # -10 .. +10 in steps of 0.05 (Hinton's shift was +3.5)
+SHIFT_GRID = torch.arange(-200, 201, dtype=torch.float64) * 0.05  # -10 .. +10 by 0.05 (Hinton's shift: +3.5)
 
 
 def output_bias(model: nn.Module, num_classes: int) -> torch.Tensor:
@@ -18,14 +18,15 @@ def output_bias(model: nn.Module, num_classes: int) -> torch.Tensor:
 
 def choose_shift(logits: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> float:
     """The grid shift of the omitted classes' logits with the highest accuracy; ties go to the smallest |shift|."""
+    logits = logits.double()
     mask = torch.zeros(logits.shape[1], dtype=logits.dtype, device=logits.device)
     mask[classes] = 1.0
-    grid = SHIFT_GRID.to(logits.device, logits.dtype)
+    grid = SHIFT_GRID.to(logits.device)
     shifted = logits[None] + grid[:, None, None] * mask  # G x N x K
     accuracy = (shifted.argmax(2) == labels[None]).float().mean(1)
     best = accuracy.max()
     candidates = grid[accuracy == best]
-    return float(candidates[candidates.abs().argmin()])
+    return round(float(candidates[candidates.abs().argmin()]), 2)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,34 +27,37 @@ DIVERGENCES = ("kl", "js")
 SELECTIONS = ("all", "per_class_top")
 
 
+@dataclass(eq=False)
 class LabelFreeSet(TransferSet):
     """The student's images: the teacher's training images, then the unlabelled candidates (the rest of the
     training split, then the pool); `candidates` marks the latter, which a selection filters."""
 
-    candidates: torch.Tensor
-    per_class: int | None = None
+    candidates: torch.Tensor | None = None
+    per_class: int | None = None  # per_class_top's N; None: every image is kept
 
     @property
     def cuttable(self) -> bool:
         return self.per_class is None
 
-    def planned_queries(self) -> int:
-        if self.per_class is None:
-            return self.size
-        # every candidate is scored, then the kept images are labelled (a selected one's score is reused)
-        return self.size + min(int(self.candidates.sum()), self.per_class * self.teacher_data.num_classes)
+    # planned_queries: the set's size either way, as every candidate is scored once and a kept candidate's
+    # score is its label (the teacher's own training images are asked once, when labelled).
 
-    def after_teacher(self, ask, settings, cache_dir: Path | None) -> None:
+    def cache_name(self, cfg, teacher_sha256: str) -> str | None:
+        if self.per_class is None:
+            return None
+        return f"label_free_{cfg.dataset.name}_{selection_key(cfg, teacher_sha256, self.images, self.candidates)}"
+
+    def after_teacher(self, run, settings, cache_dir: Path | None) -> None:
         if self.per_class is None:
             return
         cached = read_selection(cache_dir)
         if cached is not None:  # its scoring queries were paid when it was made: they still count
             keep, answers, queries = cached
-            ask.queries_before += queries
+            run.count_earlier(queries)
         else:
-            asked = ask.queries
-            keep, answers = select_per_class_top(ask, self.images, self.candidates, self.per_class)
-            write_selection(cache_dir, keep, answers, ask.queries - asked)
+            asked = run.queries
+            keep, answers = select_per_class_top(run, self.images, self.candidates, self.per_class)
+            write_selection(cache_dir, keep, answers, run.queries - asked)
         self.subset(keep)
         self.answers = answers  # the kept images' answers (NaN: not asked yet)
         self.record.update(transfer_selected=int(self.candidates[keep].sum()), transfer_size=self.size)
@@ -109,7 +113,7 @@ def build(cfg, data) -> TransferSet:
     if node.select == "all" and node.get("per_class") is not None:
         raise ConfigError("transfer.per_class is not allowed with transfer.select=all: give "
                           "transfer.select=per_class_top")
-    teacher_data, rest, cut = labelled_split(cfg, data, "label_free")
+    teacher_data, rest = labelled_split(cfg, data, "label_free")
     parts = [teacher_data.train_images]
     if rest is not None:
         parts.append(data.train_images[rest])
@@ -117,7 +121,8 @@ def build(cfg, data) -> TransferSet:
               "transfer_unlabelled_images": 0 if rest is None else len(rest)}
     if node.get("unlabelled") is not None:
         pool, about = load_pool("transfer.unlabelled", node.unlabelled, data.image_shape, bool(node.get("resize")),
-                                node.get("root"))
+                                node.get("root"),
+                                bool(node.get("download")))
         parts.append(pool)
         record.update(transfer_pool_images=len(pool), transfer_pool_converted=about["converted"])
         record["transfer_unlabelled_images"] += len(pool)
@@ -127,16 +132,23 @@ def build(cfg, data) -> TransferSet:
     images = torch.cat(parts)
     candidates = torch.zeros(len(images), dtype=torch.bool)
     candidates[len(teacher_data.train_labels):] = True
-    transfer = LabelFreeSet("label_free", images, torch.full((len(images),), NO_LABEL, dtype=torch.long),
-                            teacher_data, has_labels=False, record=record, teacher_subset=cut)
-    transfer.candidates, transfer.per_class = candidates, per_class
-    return transfer
+    return LabelFreeSet("label_free", images, torch.full((len(images),), NO_LABEL, dtype=torch.long), teacher_data,
+                        has_labels=False, record=record, candidates=candidates, per_class=per_class)
 
 
-def selection_key(cfg, teacher_sha256: str) -> str:
+# Keys that do not change which images are selected nor the answers kept (the loss, where files live).
+NOT_SELECTION_KEYS = ("divergence", "root")
+
+
+def selection_key(cfg, teacher_sha256: str, images: torch.Tensor, candidates: torch.Tensor) -> str:
+    """What determines a selection: the teacher's weights, how its answers come (logits or probabilities),
+    the selection's keys and the images themselves (a folder's contents, not its path, count)."""
     from omegaconf import OmegaConf
 
-    node = OmegaConf.to_container(cfg.transfer, resolve=True)
+    node = {k: v for k, v in OmegaConf.to_container(cfg.transfer, resolve=True).items() if k not in NOT_SELECTION_KEYS}
     dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k != "root"}
-    blob = json.dumps({"teacher": teacher_sha256, "transfer": node, "dataset": dataset}, sort_keys=True)
+    digest = hashlib.sha256(images.contiguous().numpy().tobytes())
+    digest.update(candidates.numpy().tobytes())
+    blob = json.dumps({"teacher": teacher_sha256, "access": str(cfg.teacher.get("access", "full")),
+                       "transfer": node, "dataset": dataset, "images": digest.hexdigest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -8,6 +8,7 @@ import torch
 
 from kdrun.errors import ConfigError
 from kdrun.transfer.base import TransferSet, fraction, require_in_memory, stratified_split
+from kdrun.transfer.bias_shift import output_bias
 from kdrun.transfer.registry import register_transfer
 
 BIAS_SHIFTS = ("none", "auto")
@@ -21,6 +22,18 @@ def omitted_classes(cfg, num_classes: int) -> list[int]:
         raise ConfigError(f"transfer.classes={value} is not allowed: a non-empty list of class indices in "
                           f"0..{num_classes - 1} that leaves at least one class, e.g. [3]")
     return sorted(set(values))
+
+
+class OmitClassesSet(TransferSet):
+    def check_method(self, cfg, method) -> None:
+        """The bias shift needs a classifier bias to shift: refused before training, not after it."""
+        if self.val is None:
+            return
+        student = next(iter(method.eval_models().values()))
+        try:
+            output_bias(student, self.teacher_data.num_classes)
+        except ValueError as err:
+            raise ConfigError(f"transfer.bias_shift=auto is not allowed with student={cfg.student.name}: {err}") from None
 
 
 @register_transfer("omit_classes", "the labelled training split without the images of transfer.classes (Hinton)")
@@ -37,6 +50,6 @@ def build(cfg, data) -> TransferSet:
         val = (images[val_index], labels[val_index])
         images, labels = images[rest], labels[rest]
     keep = ~torch.isin(labels, torch.tensor(classes))
-    return TransferSet("omit_classes", images[keep], labels[keep], data, val=val,
+    return OmitClassesSet("omit_classes", images[keep], labels[keep], data, val=val,
                        record={"transfer_omitted_images": int((~keep).sum()),
                                "transfer_val_images": 0 if val is None else len(val[1])})

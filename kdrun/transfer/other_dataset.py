@@ -22,7 +22,8 @@ def build(cfg, data) -> TransferSet:
         raise ConfigError(f"transfer.images={source} is not allowed: it is the dataset itself; for its images "
                           "without labels use transfer=label_free")
     images, about = load_pool("transfer.images", source, data.image_shape, bool(cfg.transfer.get("resize")),
-                              cfg.transfer.get("root"))
+                              cfg.transfer.get("root"),
+                              bool(cfg.transfer.get("download")))
     labels = torch.full((len(images),), NO_LABEL, dtype=torch.long)
     return TransferSet("other_dataset", images, labels, data, has_labels=False,
                        record={"transfer_images_converted": about["converted"]})

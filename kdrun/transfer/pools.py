@@ -15,14 +15,14 @@ from kdrun.transfer.base import fit_images
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def load_pool(key: str, source: str, shape: tuple[int, int, int], resize: bool, root: str | None = None
-              ) -> tuple[torch.Tensor, dict]:
+def load_pool(key: str, source: str, shape: tuple[int, int, int], resize: bool, root: str | None = None,
+              download: bool = False) -> tuple[torch.Tensor, dict]:
     """uint8 images N x C x H x W from `source`, a dataset name or an image folder path, at `shape`; and
     what the record says of them (where from, how many, how they were converted)."""
     source = str(source)
     what = f"{key}={source}"
     if source in DATASETS.names():
-        groups = [dataset_images(source, root)]
+        groups = [dataset_images(key, source, root, download)]
     elif _looks_like_path(source):
         groups = folder_images(key, source)
     else:
@@ -42,12 +42,19 @@ def _looks_like_path(source: str) -> bool:
     return "/" in source or source.startswith((".", "~")) or Path(source).expanduser().exists()
 
 
-def dataset_images(name: str, root: str | None) -> torch.Tensor:
-    """The training images of a registered dataset, read with its shipped config (and `root` if given)."""
+def dataset_images(key: str, name: str, root: str | None, download: bool) -> torch.Tensor:
+    """The training images of a registered dataset, read with its shipped config (and `transfer.root`,
+    `transfer.download` if given); its loader's refusal names the transfer keys, not the dataset's."""
     node = OmegaConf.load(conf_dir() / "dataset" / f"{name}.yaml")
     if root is not None:
         node.root = root
-    data = DATASETS.get(name)(node)
+    if download and "download" in node:
+        node.download = True
+    try:
+        data = DATASETS.get(name)(node)
+    except ConfigError as err:
+        message = str(err).replace("dataset.root", "transfer.root").replace("dataset.download", "transfer.download")
+        raise ConfigError(f"{key}={name}: {message}") from None
     if not isinstance(data, ImageData) or data.train_images.dtype != torch.uint8:
         raise ConfigError(f"dataset {name} cannot serve as a pool of images: it is not an in-memory image set")
     return data.train_images

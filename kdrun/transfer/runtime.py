@@ -16,7 +16,6 @@ from kdrun.errors import DamagedFile
 from kdrun.progress import print_error
 from kdrun.teacher_access import TeacherClient, access_of, is_black_box, query_budget
 from kdrun.transfer.base import TransferSet
-from kdrun.transfer.label_free import selection_key
 
 
 @dataclass
@@ -62,17 +61,27 @@ class TransferRun:
 
     def prepare(self) -> None:
         """Before the student's first step: the option's teacher work, then a black box's labels."""
-        cache = None
-        if self.transfer.name == "label_free":
-            cache = (Path(self.cfg.results_dir) / "transfer_sets" /
-                     f"label_free_{self.cfg.dataset.name}_{selection_key(self.cfg, self.teacher_sha)}")
+        if self.black_box:
+            self.method.use_black_box()
+        name = self.transfer.cache_name(self.cfg, self.teacher_sha)
+        cache = Path(self.cfg.results_dir) / "transfer_sets" / name if name else None
         self.transfer.after_teacher(self, self.settings, cache)
-        if self.black_box and not getattr(self.transfer, "rounds", None):
+        if self.black_box and self.transfer.labels_up_front:
             self.label_offline()
         self.refresh_loader()
 
     def answers(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's answers for uint8 images, counted; never past `teacher.query_budget`, counting the
+        answers read back from files (an earlier attempt's, a cached selection's) too."""
+        budget = query_budget(self.cfg)
+        if budget is not None and self.queries + len(images) > budget:
+            raise RuntimeError(f"the teacher's query budget is spent: {self.queries} of {budget} images asked, "
+                               f"{len(images)} more wanted")
         return self.client.answers(images)
+
+    def count_earlier(self, queries: int) -> None:
+        """Answers read back from a file (a cached selection) were paid for once: they count, unasked."""
+        self.queries_before += queries
 
     def probabilities(self, answers: torch.Tensor) -> torch.Tensor:
         return self.client.probabilities(answers)
@@ -90,7 +99,7 @@ class TransferRun:
                 (self.transfer.size, self.transfer.teacher_data.num_classes), float("nan"))
             missing = torch.nonzero(torch.isnan(answers).any(1)).flatten()
             if len(missing):
-                answers[missing] = self.client.answers(self.transfer.images[missing]).float().cpu()
+                answers[missing] = self.answers(self.transfer.images[missing]).float().cpu()
             self.save("answers", {"answers": answers, "queries": self.queries})
         self.method.use_teacher_answers(self.client.as_logits(answers.to(self.settings.device)))
 
