@@ -22,7 +22,7 @@ from torch import nn
 
 from kdrun.checkpoint import (atomic_write_text, hash_path, load_verified, load_weights, save_checkpoint,
                               sha256_file)
-from kdrun.data import make_loaders
+from kdrun.data import ImageData, TensorLoader, make_loaders
 from kdrun.errors import ConfigError, DamagedFile, RunError
 from kdrun.methods.base import Method
 from kdrun.methods.ce import CE
@@ -116,6 +116,15 @@ def locked(directory: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def test_loader_of(cfg, data, settings: TrainSettings):
+    """The test split's loader alone: measuring a teacher must not read (or copy to the device) the training
+    split, which a data-free run never touches."""
+    if isinstance(data, ImageData):
+        return TensorLoader(data.test_images, data.test_labels, cfg.eval_batch_size, data.mean, data.std,
+                            settings.device, train=False)
+    return make_loaders(data, cfg.batch_size, settings.device, cfg.teacher.seed, cfg.eval_batch_size)[1]
+
+
 def check_snapshot_epoch(cfg) -> None:
     epoch = cfg.teacher.get("snapshot_epoch")
     if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)
@@ -132,8 +141,7 @@ def resolve_teacher(cfg, teacher: nn.Module, data, settings: TrainSettings) -> R
     if cfg.teacher.checkpoint:
         # The weights were loaded and checked before the run started (experiment.prepare).
         path = Path(cfg.teacher.checkpoint).expanduser()
-        _, test_loader = make_loaders(data, cfg.batch_size, settings.device, cfg.teacher.seed, cfg.eval_batch_size)
-        _, accuracy = evaluate(teacher, test_loader, settings)
+        _, accuracy = evaluate(teacher, test_loader_of(cfg, data, settings), settings)
         return ResolvedTeacher(accuracy, "checkpoint", sha256_file(path), path)
 
     def new_learner() -> Method:
@@ -195,7 +203,7 @@ def check_accuracy(cfg, cache: Path, label: str, model: nn.Module, record: dict,
                    data, settings: TrainSettings) -> float:
     """The loaded weights' test accuracy, measured now; it must equal the cache record's (weights that load
     but are not the trained ones would otherwise teach silently)."""
-    _, test_loader = make_loaders(data, cfg.batch_size, settings.device, cfg.teacher.seed, cfg.eval_batch_size)
+    test_loader = test_loader_of(cfg, data, settings)
     _, measured = evaluate(model, test_loader, settings)
     recorded = record["test_acc"] if snapshot_epoch is None else record["epoch_acc"][snapshot_epoch - 1]
     samples = test_loader.num_samples
