@@ -98,9 +98,9 @@ def bss(runs: list[dict]) -> str | None:
     if not runs:
         return None
     rows = [[method, str(len(g)), stat(r["best_acc"] for r in g), stat(r["last_acc"] for r in g),
-             stat(r["wall_s"] for r in g), stat(r["teacher_acc"] for r in g)]
+             stat(r["teacher_acc"] for r in g)]
             for method, g in sorted(group(runs, lambda r: r["method"]).items())]
-    return table(["method", "seeds", "best %", "last %", "wall s", "teacher %"], rows)
+    return table(["method", "seeds", "best %", "last %", "teacher %"], rows)
 
 
 def main(dirs: list[str]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-SHIFT_GRID = torch.arange(-200, 201, dtype=torch.float64) * 0.05  # -10 .. +10 by 0.05 (Hinton's shift: +3.5)
+SHIFT_GRID = torch.arange(-600, 601, dtype=torch.float64) * 0.05  # -30 .. +30 by 0.05 (Hinton's shift: +3.5)
 
 
 def output_bias(model: nn.Module, num_classes: int) -> torch.Tensor:
@@ -22,10 +22,10 @@ def choose_shift(logits: torch.Tensor, labels: torch.Tensor, classes: list[int])
     mask = torch.zeros(logits.shape[1], dtype=logits.dtype, device=logits.device)
     mask[classes] = 1.0
     grid = SHIFT_GRID.to(logits.device)
-    shifted = logits[None] + grid[:, None, None] * mask  # G x N x K
-    accuracy = (shifted.argmax(2) == labels[None]).float().mean(1)
-    best = accuracy.max()
-    candidates = grid[accuracy == best]
+    accuracy = torch.cat([  # a few grid points at a time: G x N x K at once would not fit for large sets
+        ((logits[None] + chunk[:, None, None] * mask).argmax(2) == labels[None]).double().mean(1)
+        for chunk in grid.split(32)])
+    candidates = grid[accuracy == accuracy.max()]
     return round(float(candidates[candidates.abs().argmin()]), 2)
 
 
