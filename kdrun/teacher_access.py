@@ -131,9 +131,6 @@ class TeacherClient:
     def queries(self) -> int:
         return self._box.queries
 
-    def remaining(self) -> int | None:
-        return self._box.remaining()
-
     def answers(self, images: torch.Tensor) -> torch.Tensor:
         """N x K logits (full, logits access) or probabilities (a probabilities black box)."""
         return ask_in_batches(self._box, images, self.mean, self.std, self.device)
