@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
+from kdrun.compress.options import COMPRESS_DEFAULTS
 from kdrun.models import MODELS, model_options
 from kdrun.resolvers import register_resolvers
 
@@ -22,7 +23,7 @@ def teacher_node(name: str) -> dict:
 
 
 def student_node(name: str) -> dict:
-    return {"name": name, **model_options(name)}
+    return {"name": name, **model_options(name), **COMPRESS_DEFAULTS}  # quantize, init, prune, prune_kind
 
 
 def register_model_groups() -> None:

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from kdrun.compress import check_compression, compress_student, finish_student
 from kdrun.chain import assistant_names, build_assistants, check_chain, resolve_chain, root_identity
 from kdrun.checkpoint import atomic_write_text, load_checkpoint, load_weights, save_checkpoint
 from kdrun.data import ImageData, load_dataset
@@ -25,7 +26,7 @@ from kdrun.run_dir import RunLock, choose_run_dir
 from kdrun.run_record import after_training, base_record, config_hash, default_run_dir, outcome_of, summarise
 from kdrun.storage import check_output_space
 from kdrun.teachers import check_snapshot_epoch, model_options_of, resolve_teacher
-from kdrun.train import TrainSettings, fit
+from kdrun.train import TrainSettings, evaluate, fit
 from kdrun.transfer import TransferSet, build_transfer, check_transfer_method
 from kdrun.transfer.bias_shift import correct_omitted_classes
 from kdrun.transfer.runtime import TransferRun, student_loaders, teacher_client
@@ -81,6 +82,7 @@ def prepare(cfg: DictConfig) -> Plan:
     direct_teacher = assistants[-1] if assistants else teacher
     method = method_cls(cfg.method, student.to(device), direct_teacher, data.num_classes).to(device)
     method.prepare(data.image_shape)
+    check_compression(cfg, student, teacher, data.image_shape, device, method)
     check_transfer_method(cfg, transfer, method)
     if cfg.transfer.get("divergence"):
         method.kd_divergence = cfg.transfer.divergence
@@ -117,6 +119,8 @@ def execute(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
                 record["chain"] = resolve_chain(cfg, type(method), plan.teacher, root_identity(cfg, teacher.sha256),
                                                 plan.assistants, teacher_data, settings)
             write_result(run_dir / RESULT_FILE, record)
+        method = compress(plan, record)  # a quantized or pruned student, or one started from the teacher
+        if plan.teacher is not None:
             transfer_run = TransferRun(cfg, plan.transfer, method, plan.student_loader,
                                        teacher_client(cfg, plan.teacher, data, settings), run_dir, settings,
                                        teacher_sha=teacher.sha256)
@@ -156,6 +160,8 @@ def execute(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
                 cfg.optim.lr, settings, progress, on_epoch, resume=point, loader_rng=plan.loader_rng,
                 on_stop=save_state, before_stage=before_stage)
         record.update(summarise(rows, method))
+        record.update(finish_student(cfg, method.student, lambda model: evaluate(model, plan.test_loader, settings)[1],
+                                     run_dir))
         record.update(after_training(plan, transfer_run))
         if plan.transfer.val is not None:  # omitted classes: the bias shift, chosen on the held-out split
             student = next(iter(method.eval_models().values()))
@@ -170,6 +176,25 @@ def execute(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
         record["wall_s"] = earlier_wall_s + time.perf_counter() - started
         write_result(run_dir / RESULT_FILE, record)
     return record
+
+
+def compress(plan: Plan, record: dict) -> Method:
+    """`student.init=teacher`, `student.prune`, `student.quantize`, once the teacher's weights are loaded (before
+    a resumed run's state is, which has the compressed student's shapes and keys): the method is then built
+    again around the compressed student, as `prepare` built it around the plain one."""
+    cfg, data, settings, method = plan.cfg, plan.data, plan.settings, plan.method
+    example = torch.zeros(2, *data.image_shape, device=settings.device)
+    student, compressed = compress_student(cfg, method.student, plan.teacher, example)
+    if not compressed:
+        return method
+    record.update(compressed)
+    direct_teacher = plan.assistants[-1] if plan.assistants else plan.teacher
+    method = type(method)(cfg.method, student, direct_teacher, data.num_classes).to(settings.device)
+    method.prepare(data.image_shape)
+    method.kd_divergence = plan.method.kd_divergence
+    plan.transfer.bind(method)
+    plan.method, plan.train_loader = method, method.wrap_train_loader(plan.student_loader)
+    return method
 
 
 def check_same_teacher(previous: dict | None, sha256: str) -> None:

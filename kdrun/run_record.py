@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun.errors import ConfigError, OutputError
 from kdrun.interrupt import Interrupted, stop_requested
+from kdrun.compress.options import COMPRESS_DEFAULTS, COMPRESS_KEYS
 from kdrun.methods import METHODS, Method
 from kdrun.resume import DeviceMismatch
 from kdrun.teachers import DATASET_LOCATION_KEYS, model_options_of
@@ -34,6 +35,10 @@ def config_hash(cfg: DictConfig) -> str:
     for key, default in (("access", "full"), ("query_budget", None)):
         if key in teacher and teacher[key] == default:
             teacher.pop(key)
+    student = container.get("student") or {}
+    for key, default in COMPRESS_DEFAULTS.items():  # and an uncompressed student's
+        if key in student and student[key] == default:
+            student.pop(key)
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -48,6 +53,15 @@ def default_run_dir(cfg: DictConfig) -> Path:
         n += 1
         run_dir = base.with_name(f"{base.name}_{n}")
     return run_dir
+
+
+def compression_keys(student) -> dict:
+    """`student.quantize`, `student.init`, `student.prune` (with `student.prune_kind`) when set: an uncompressed
+    student's record looks as it always did."""
+    keys = {f"student.{k}": student.get(k) for k in COMPRESS_KEYS if k != "prune_kind" and student.get(k) is not None}
+    if student.get("prune") is not None:
+        keys["student.prune_kind"] = student.get("prune_kind")
+    return keys
 
 
 def base_record(cfg: DictConfig, run_dir: Path, device: str) -> dict:
@@ -73,6 +87,7 @@ def base_record(cfg: DictConfig, run_dir: Path, device: str) -> dict:
         "best_acc": None, "best_epoch": None, "last_acc": None, "wall_s": None, "device": device,
         "config_hash": config_hash(cfg), "run_dir": str(run_dir), "host": socket.gethostname(), "pid": os.getpid(),
         "compare_metric": cfg.get("compare_metric", "best_acc"),  # the statistic `kdrun compare` shows by default
+        **compression_keys(cfg.student),
         **({"teacher.access": str(cfg.teacher.get("access", "full")),
             "teacher.query_budget": cfg.teacher.get("query_budget")} if uses_teacher else {}),
     }

@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from kdrun.compress.options import COMPRESS_KEYS
 from kdrun.checkpoint import (atomic_write_text, hash_path, load_verified, load_weights, save_checkpoint,
                               sha256_file)
 from kdrun.data import ImageData, TensorLoader, make_loaders
@@ -35,8 +36,9 @@ from kdrun.train import NonFiniteLoss, TrainSettings, evaluate, fit
 
 CACHE_FORMAT = 2  # bump when a change to training or to the entry's files makes cached teachers stale
 TRAIN_STATE = "train_state.pt"  # the resumable state of an entry still being trained
+# Keys of a teacher/student node that are not model options (a student's compression keys among them).
 TEACHER_CONTROL_KEYS = ("name", "checkpoint", "epochs", "lr", "seed", "snapshot_epoch", "keep_snapshots", "access",
-                        "query_budget")
+                        "query_budget", *COMPRESS_KEYS)
 DATASET_LOCATION_KEYS = ("root", "download", "workers")
 
 

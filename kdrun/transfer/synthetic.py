@@ -31,6 +31,9 @@ def freeze_student_bn(method) -> None:
     in training too (Haroush et al.'s Gaussian scheme)."""
     from torch.nn.modules.batchnorm import _BatchNorm
 
+    if hasattr(method.student, "freeze_bn"):  # a quantization-aware student: its exported graph's own switch
+        method.student.freeze_bn()
+        return
     for module in method.student.modules():
         if isinstance(module, _BatchNorm):
             module.eval()
