@@ -72,7 +72,7 @@ def emit(summary: pd.DataFrame, keys: list[str], opts: argparse.Namespace) -> No
                                rich_table(summary, keys, opts.metric))
         else:
             path.write_text(text)
-        Console(stderr=True).print(f"wrote {path}", highlight=False)
+        Console(stderr=True).print(f"wrote {path}", highlight=False, soft_wrap=True)  # a path stays one line
     elif text is None and summary.empty:
         Console().print("no completed run matches; failed and unfinished runs are listed below", highlight=False)
     elif text is None:
