@@ -261,7 +261,7 @@ def test_tfkd_self_teacher_is_the_students_model_with_the_teachers_controls():
     teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
     assert teacher == {"name": "resnet14", "residual": False, "checkpoint": None, "epochs": 3,
                        "lr": cfg.optim.lr, "seed": 7, "snapshot_epoch": None,
-                       "keep_snapshots": True}
+                       "keep_snapshots": True, "access": "full", "query_budget": None}
 
 
 # ----- defaults and end-to-end runs -----------------------------------------------------------------------

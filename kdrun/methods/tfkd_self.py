@@ -27,12 +27,15 @@ class TfKDSelf(KD):
 
     @classmethod
     def configure(cls, cfg) -> None:
+        from kdrun.compress.options import COMPRESS_KEYS
         from kdrun.teachers import TEACHER_CONTROL_KEYS  # teachers imports the methods package: import on use
 
         config_number(cfg.method, "multiplier", 1.0)
         teacher = OmegaConf.to_container(cfg.teacher, resolve=False)
         controls = {k: v for k, v in teacher.items() if k in TEACHER_CONTROL_KEYS and k != "name"}
-        cfg.teacher = {**OmegaConf.to_container(cfg.student, resolve=False), **controls}
+        model = {k: v for k, v in OmegaConf.to_container(cfg.student, resolve=False).items()
+                 if k not in COMPRESS_KEYS}  # the student's compression is not the teacher's
+        cfg.teacher = {**model, **controls}
 
     def weights(self) -> dict[str, float]:
         weights = super().weights()  # ce: 1 - alpha, from alpha alone (the multiplier is inside the KD term)
