@@ -45,7 +45,23 @@ def dkd_beta(method: str, teacher: str, student: str) -> float | None:
     return DKD_BETA.get((str(teacher), str(student)), DKD_DEFAULT_BETA)
 
 
-RESOLVERS = {"kdrun.repdistiller_lr": repdistiller_lr, "kdrun.dkd_beta": dkd_beta}
+# A sweep job's folder is named by its overrides; past this many characters (file names stop at 255 bytes)
+# it keeps their start and a hash of the whole, so a long sweep still gets one folder per job.
+JOB_DIRNAME_LIMIT = 150
+
+
+def job_dirname(overrides: str) -> str:
+    """`${kdrun.job_dirname:${hydra.job.override_dirname}}`: the overrides, shortened when too long."""
+    import hashlib
+
+    text = str(overrides)
+    if len(text.encode()) <= JOB_DIRNAME_LIMIT:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return f"{text.encode()[:JOB_DIRNAME_LIMIT - 12].decode(errors='ignore')}_{digest}"
+
+
+RESOLVERS = {"kdrun.repdistiller_lr": repdistiller_lr, "kdrun.dkd_beta": dkd_beta, "kdrun.job_dirname": job_dirname}
 
 
 def register_resolvers() -> None:

@@ -15,5 +15,7 @@ kdrun -m results_dir="$out" transfer=label_free transfer.divergence=kl method=kd
 kdrun -m results_dir="$out" method=ce seed=0,1,2
 # A quantized copy of the teacher without data: resnet26 started from the teacher's weights, trained
 # quantization-aware on the synthetic sets above (10 epochs at lr 0.005: a fine-tuning), exported as int8.
+# teacher.epochs and teacher.lr stay the teacher's (they follow epochs and optim.lr unless given).
 kdrun -m results_dir="$out" student=resnet26 student.quantize=int8 student.init=teacher transfer=synthetic \
-  "${gen[@]}" transfer.synth=bn_stats,deepinversion method=kd method.alpha=1 epochs=10 optim.lr=0.005 seed=0,1,2
+  "${gen[@]}" transfer.synth=bn_stats,deepinversion method=kd method.alpha=1 epochs=10 optim.lr=0.005 \
+  teacher.epochs=30 teacher.lr=0.05 seed=0,1,2

@@ -91,3 +91,14 @@ def test_snapshots_can_be_switched_off_and_asking_for_one_then_says_so(kdrun, ca
 def test_an_assistant_chain_works_with_a_method_that_wraps_the_loader(kdrun):
     code, results = kdrun("method=crd", "teacher=resnet20", "assistants=[resnet14]")
     assert code == 0 and results[0]["chain"][0]["source"] == "trained"
+
+
+def test_a_long_sweep_job_name_is_shortened_with_a_hash_not_refused_by_the_filesystem():
+    from kdrun.resolvers import JOB_DIRNAME_LIMIT, job_dirname
+
+    short = "method=kd,seed=0"
+    assert job_dirname(short) == short
+    long = ",".join(f"transfer.key{i}=value{i}" for i in range(40))
+    name = job_dirname(long)
+    assert len(name.encode()) <= JOB_DIRNAME_LIMIT and name.startswith("transfer.key0=value0")
+    assert job_dirname(long + "x") != name  # the hash tells long names apart
