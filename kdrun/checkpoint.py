@@ -144,6 +144,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def load_if_intact(path: Path, instead: str) -> dict | None:
+    """A stored intermediate (a cached batch, a selection, a black box's answers) that is safe to reuse: its
+    state, or None when it is absent or damaged (then saying so, and what is done `instead`)."""
+    from kdrun.progress import print_error  # progress imports rich: only on this path
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state, _ = load_verified(path)
+    except DamagedFile as exc:
+        print_error("kdrun:", f"{path} is damaged ({exc.reason}); {instead}")
+        return None
+    return state
+
+
 def load_verified(path: Path) -> tuple[dict, str]:
     """Load a checkpoint kdrun wrote, checking its bytes against the recorded sha256; returns (state, hash).
     Raises DamagedFile when the file is missing, its hash is missing or differs, or it does not load."""

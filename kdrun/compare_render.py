@@ -88,8 +88,8 @@ def rich_table(summary: pd.DataFrame, keys: list[str], metric: str) -> Table:
                         f"{plural(runs, 'completed run')}",
                   caption=f"mean ± sample std (ddof=1) over seeds; n counts each seed once (of repeats, runs with "
                           f"the same configuration and seed, the newest is kept); {delta_header(metric)}: mean "
-                          f"{metric} minus that of {BASELINE_METHOD} with the same {', '.join(BASELINE_KEYS)} and student, "
-                          f"dataset and transfer options; "
+                          f"{metric} minus that of {BASELINE_METHOD} with the same {', '.join(BASELINE_KEYS[:-1])} and "
+                          f"{BASELINE_KEYS[-1]}, and the same student, dataset and transfer options; "
                           f"bold: the best mean {metric}")
     for index, column in enumerate(shown.columns):
         table.add_column(column, justify="left" if index < len(keys) else "right", no_wrap=True)

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from kdrun.checkpoint import load_verified, save_checkpoint
-from kdrun.errors import ConfigError, DamagedFile
-from kdrun.progress import print_error
+from kdrun.checkpoint import load_if_intact, save_checkpoint
+from kdrun.errors import ConfigError
 from kdrun.transfer.base import NO_LABEL, TransferSet, positive_int, require_in_memory
 from kdrun.transfer.labelled import labelled_split
 from kdrun.transfer.pools import load_pool
@@ -84,14 +83,8 @@ def select_per_class_top(ask, images: torch.Tensor, candidates: torch.Tensor, pe
 
 
 def read_selection(cache_dir: Path | None):
-    if cache_dir is None or not (cache_dir / "selection.pt").is_file():
-        return None
-    try:
-        state, _ = load_verified(cache_dir / "selection.pt")
-    except DamagedFile as exc:
-        print_error("kdrun:", f"transfer selection {cache_dir} is damaged ({exc.reason}); selecting again")
-        return None
-    return state["keep"], state["answers"], int(state["queries"])
+    state = load_if_intact(cache_dir / "selection.pt", "selecting again") if cache_dir is not None else None
+    return None if state is None else (state["keep"], state["answers"], int(state["queries"]))
 
 
 def write_selection(cache_dir: Path | None, keep: torch.Tensor, answers: torch.Tensor, queries: int) -> None:

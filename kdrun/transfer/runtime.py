@@ -11,9 +11,7 @@ from pathlib import Path
 
 import torch
 
-from kdrun.checkpoint import load_verified, save_checkpoint
-from kdrun.errors import DamagedFile
-from kdrun.progress import print_error
+from kdrun.checkpoint import load_if_intact, save_checkpoint
 from kdrun.teacher_access import TeacherClient, access_of, is_black_box, query_budget
 from kdrun.transfer.base import TransferSet
 
@@ -45,15 +43,7 @@ class TransferRun:
         return self.run_dir / "transfer" / f"{name}.pt"
 
     def load(self, name: str) -> dict | None:
-        path = self.store(name)
-        if not path.is_file():
-            return None
-        try:
-            state, _ = load_verified(path)
-        except DamagedFile as exc:
-            print_error("kdrun:", f"{path} is damaged ({exc.reason}); asking the teacher again")
-            return None
-        return state
+        return load_if_intact(self.store(name), "asking the teacher again")
 
     def save(self, name: str, state: dict) -> None:
         self.store(name).parent.mkdir(parents=True, exist_ok=True)

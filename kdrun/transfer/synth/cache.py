@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdrun.checkpoint import atomic_write_bytes, atomic_write_text, load_verified, save_checkpoint
+from kdrun.checkpoint import atomic_write_bytes, atomic_write_text, load_if_intact, load_verified, save_checkpoint
 from kdrun.errors import DamagedFile
 from kdrun.progress import print_error
 from kdrun.resume import move_aside
@@ -77,15 +77,8 @@ class SyntheticCache:
         atomic_write_text(self.path / "identity.json", json.dumps(self.identity, indent=2, sort_keys=True) + "\n")
 
     def load_batch(self, index: int, size: int) -> dict | None:
-        path = self.batch_path(index)
-        if not path.is_file():
-            return None
-        try:
-            state, _ = load_verified(path)
-        except DamagedFile as exc:
-            print_error("kdrun:", f"{path} is damaged ({exc.reason}); generating that batch again")
-            return None
-        return state if len(state.get("images", ())) == size else None
+        state = load_if_intact(self.batch_path(index), "generating that batch again")
+        return state if state is not None and len(state.get("images", ())) == size else None
 
     def save_batch(self, index: int, state: dict) -> None:
         save_checkpoint(self.batch_path(index), state)
