@@ -16,14 +16,17 @@ import re
 import pandas as pd
 from rich.console import Console
 
+from kdrun.compare_protocol import differing_facts, protocol_columns
 from kdrun.compare_records import (BASELINE_KEYS, BASELINE_METHOD, CORE_KEYS, METRICS, RECORDED_METRIC, RUN_DIR,
                                    identity_keys, is_missing, load_records, metric_order, recorded_metric,
                                    split_repeats)
 from kdrun.compare_render import (MISSING, check_image_path, draw_plots, emit, format_value, print_lines,
                                   report_left_out, report_repeats, report_unreadable)
 from kdrun.errors import ConfigError, OneLineParser
+from kdrun.modifier_keys import DEPENDENT_COLUMNS
 
 FORMATS = ("table", "csv", "markdown", "latex")
+PROTOCOL_PREFIX = "protocol."  # the summary's protocol columns (CSV headers); the table shows the bare names
 # `--where` clauses on these also narrow the baseline (`--where seed=0` compares seed 0 with seed 0);
 # clauses on method-side keys (method, teacher, T, ...) would exclude the baseline itself.
 SHARED_WITH_BASELINE = (*BASELINE_KEYS, "seed", "device")
@@ -43,6 +46,9 @@ def build_parser() -> OneLineParser:
                         help="the statistic of the table: its first accuracy column, the delta, the bold row, --sort "
                              "and the plots (default: the one the runs record as compare_metric, else best_acc)")
     parser.add_argument("--sort", action="store_true", help="sort by the metric, best first (default: by keys)")
+    parser.add_argument("--protocol", action="store_true",
+                        help="add the protocol columns per row: augmentation, epochs, batch, the statistic the runs' "
+                             "recipe reports, and the method keys changed from their defaults")
     parser.add_argument("--format", default="table", choices=FORMATS, help="output format (default: table)")
     parser.add_argument("--out", metavar="FILE", help="write the table to FILE instead of stdout")
     parser.add_argument("--plot", metavar="FILE.png", help="bar chart of the metric per configuration")
@@ -64,6 +70,9 @@ def compare_command(args: list[str]) -> int:
     baseline_pool, _ = split_repeats(completed(select(runs, [(key, values) for key, values in where
                                                               if key in SHARED_WITH_BASELINE])))
     summary = aggregate(done, keys, opts.metric, baseline_means(baseline_pool, opts.metric))
+    protocol = protocol_columns(done, keys)
+    if opts.protocol:
+        summary = pd.concat([summary, protocol.add_prefix(PROTOCOL_PREFIX)], axis=1)
     if summary.empty and (opts.plot or opts.curves):
         raise ConfigError("nothing to plot: no completed run matches; drop or widen --where")
     summary = sort_summary(summary, keys, opts.metric, opts.sort)
@@ -72,6 +81,10 @@ def compare_command(args: list[str]) -> int:
     notes = Console(stderr=not (opts.format == "table" and opts.out is None))
     if metric_note:
         print_lines(notes, [metric_note])
+    differing = [c for c in differing_facts(protocol) if c != "changed keys"]
+    if differing and not opts.protocol:
+        print_lines(notes, [f"the rows differ in protocol ({', '.join(differing)}); kdrun compare --protocol shows "
+                            "each row's"])
     report_left_out(selected[selected["status"] != "completed"], notes)
     report_repeats(repeats, keys, notes)
     report_unreadable(loaded.unreadable, notes)
@@ -148,7 +161,8 @@ def detect_group_keys(done: pd.DataFrame) -> list[str]:
     other shown keys already say (T and alpha that only tell kd from ce); core keys always stay."""
     varying = [key for key in identity_keys(done.columns) if done[key].nunique(dropna=False) > 1]
     keys = list(varying)
-    for key in reversed(varying):
+    # a modifier's own keys (LS's base_T) go first, so that its switch names the configuration
+    for key in sorted(reversed(varying), key=lambda k: k not in DEPENDENT_COLUMNS):
         rest = [k for k in keys if k != key]
         if key not in CORE_KEYS and rest and count_groups(done, rest) == count_groups(done, keys):
             keys = rest

@@ -91,7 +91,7 @@ def nothing_usable(dirs: list[str], unreadable: list[Unreadable]) -> str:
 # Keys every method has since they were declared; records written before carry their value implicitly.
 # Keys a record written before they existed lacks; such a run had these values.
 IMPLICIT_DEFAULTS = {"method.kl_reduction": "batchmean", "transfer": "labelled", "transfer.labelled_fraction": 1.0,
-                     "transfer.split_seed": 0}
+                     "transfer.split_seed": 0, "method.logit_standardize": False, "method.dot": False}
 
 
 def normalise(runs: pd.DataFrame) -> pd.DataFrame:

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from kdrun.compare_records import (BASELINE_KEYS, BASELINE_METHOD, CORE_KEYS, FINISHED, KEPT, REPEAT, RUN_DIR,
                                    STATISTICS, Unreadable, is_missing, metric_order)
+from kdrun.compare_protocol import PROTOCOL_COLUMNS
 from kdrun.errors import ConfigError
 from kdrun.progress import print_unfolded
 
@@ -51,6 +52,9 @@ def display_frame(summary: pd.DataFrame, keys: list[str], metric: str) -> pd.Dat
                                          zip(summary[f"{name}_mean"], summary[f"{name}_std"])]
     shown["teacher acc"] = summary["teacher_acc_mean"].map(format_number)
     shown[delta_header(metric)] = summary[f"delta_{metric}"].map(lambda v: format_number(v, True))
+    for column in summary.columns:
+        if column.startswith("protocol."):
+            shown[column.removeprefix("protocol.")] = summary[column]
     return shown
 
 
@@ -91,8 +95,10 @@ def rich_table(summary: pd.DataFrame, keys: list[str], metric: str) -> Table:
                           f"{metric} minus that of {BASELINE_METHOD} with the same {', '.join(BASELINE_KEYS[:-1])} and "
                           f"{BASELINE_KEYS[-1]}, and the same student, dataset and transfer options; "
                           f"bold: the best mean {metric}")
+    protocol = [c.removeprefix("protocol.") for c in summary.columns if c.startswith("protocol.")]
     for index, column in enumerate(shown.columns):
-        table.add_column(column, justify="left" if index < len(keys) else "right", no_wrap=True)
+        text = index < len(keys) or column in protocol
+        table.add_column(column, justify="left" if text else "right", no_wrap=True)
     best = summary[f"{metric}_mean"].idxmax() if summary[f"{metric}_mean"].notna().any() else None
     for index, row in shown.iterrows():
         table.add_row(*row, style="bold" if index == best else None)
@@ -104,11 +110,13 @@ def plural(count: int, noun: str) -> str:
 
 
 def to_markdown(shown: pd.DataFrame, numeric_from: int) -> str:
-    """GitHub Markdown; numbers right-aligned (pandas' to_markdown would need `tabulate`)."""
+    """GitHub Markdown; numbers right-aligned (pandas' to_markdown would need `tabulate`), the protocol's words
+    left-aligned."""
     def line(cells) -> str:
         return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
 
-    rule = ["---" if index < numeric_from else "---:" for index in range(len(shown.columns))]
+    words = set(PROTOCOL_COLUMNS) - {"epochs", "batch"}
+    rule = ["---" if index < numeric_from or column in words else "---:" for index, column in enumerate(shown.columns)]
     return "\n".join([line(shown.columns), line(rule), *(line(row) for row in shown.itertuples(index=False))]) + "\n"
 
 

@@ -16,6 +16,7 @@ from kdrun.errors import ConfigError, OutputError
 from kdrun.interrupt import Interrupted, stop_requested
 from kdrun.compress.options import COMPRESS_DEFAULTS, COMPRESS_KEYS
 from kdrun.methods import METHODS, Method
+from kdrun.modifier_keys import MODIFIER_KEYS
 from kdrun.resume import DeviceMismatch
 from kdrun.teachers import DATASET_LOCATION_KEYS, model_options_of
 from kdrun.train import CLASS_COLUMN, NonFiniteLoss, evaluate_classes
@@ -35,6 +36,11 @@ def config_hash(cfg: DictConfig) -> str:
     for key, default in (("access", "full"), ("query_budget", None)):
         if key in teacher and teacher[key] == default:
             teacher.pop(key)
+    method = container.get("method") or {}
+    for switch, keys in MODIFIER_KEYS.items():  # nor a method's modifier left off (logit standardization, DOT)
+        if method.get(switch) is False:
+            for key in (switch, *keys):
+                method.pop(key, None)
     student = container.get("student") or {}
     for key, default in COMPRESS_DEFAULTS.items():  # and an uncompressed student's
         if key in student and student[key] == default:
@@ -66,8 +72,9 @@ def compression_keys(student) -> dict:
 
 def base_record(cfg: DictConfig, run_dir: Path, device: str) -> dict:
     uses_teacher = METHODS.get(cfg.method.name).needs_teacher
-    method_keys = {f"method.{k}": v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items()
-                   if k not in ("name", "T", "alpha", "beta")}
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    off = [key for switch, keys in MODIFIER_KEYS.items() if method_cfg.get(switch) is False for key in (switch, *keys)]
+    method_keys = {f"method.{k}": v for k, v in method_cfg.items() if k not in ("name", "T", "alpha", "beta", *off)}
     # Dataset and model options (`dataset.n_train`, `student.residual`) too, so that compare can group by them.
     dataset_keys = {f"dataset.{k}": v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
                     if k not in ("name", *DATASET_LOCATION_KEYS)}
@@ -124,7 +131,10 @@ def after_training(plan, transfer_run) -> dict:
     (the bias shift of omitted classes is `transfer.bias_shift.correct_omitted_classes`, applied after this)."""
     student = next(iter(plan.method.eval_models().values()))
     _, _, class_acc = evaluate_classes(student, plan.test_loader, plan.settings)
-    extra = {"class_acc": class_acc, "transfer_size": plan.transfer.size}
+    extra = {"class_acc": class_acc, "transfer_size": plan.transfer.size,
+             "augmentation": (getattr(plan.train_loader, "augmentation", None)
+                              or getattr(plan.student_loader, "augmentation", None) or "-"),
+             **plan.method.record_extras()}
     if transfer_run is not None:
         extra["teacher_queries"] = transfer_run.queries + plan.method.teacher_queries
         extra.update(transfer_run.notes)

@@ -15,7 +15,7 @@ from torch import nn
 from kdrun.epoch_state import EpochInterrupted, EpochSums, ResumePoint
 from kdrun.interrupt import Interrupted, check_stop
 from kdrun.methods.base import Method, Stage
-from kdrun.schedule import build_optimizer, build_scheduler
+from kdrun.schedule import build_scheduler
 
 CONSTANT_SCHEDULE = OmegaConf.create({"name": "constant", "warmup_epochs": 0})
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -143,12 +143,8 @@ def train_epoch(method: Method, loader, optimizer, scheduler, settings: TrainSet
             guard = FiniteGuard(names, settings.check_every, method.stage, epoch, first_step)
             sums.start(names, settings.device)
         values = torch.stack([out.terms[n].float() for n in sums.names])
-        total = sum(weights[n] * out.terms[n] for n in sums.names)
         guard.add(values)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        total = method.optimizer_step(out, weights, optimizer, scaler)
         scheduler.step()
         batch = labels.shape[0]
         sums.term_sums += values.detach() * batch
@@ -202,7 +198,7 @@ def fit(method: Method, train_loader, test_loader, stages: list[Stage], optim_cf
         if before_stage is not None:
             before_stage(index, stage, resume is None)
         method.begin_stage(stage)
-        optimizer = build_optimizer(method.trainable_parameters(stage), optim_cfg, stage.lr or lr)
+        optimizer = method.make_optimizer(method.trainable_parameters(stage), optim_cfg, stage.lr or lr)
         stage_sched = CONSTANT_SCHEDULE if stage.constant_lr else sched_cfg
         scheduler = build_scheduler(optimizer, stage_sched, stage.epochs, len(train_loader))
         done, sums, partial_lr = 0, None, None

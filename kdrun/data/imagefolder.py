@@ -43,6 +43,13 @@ class FolderData:
         return (self.in_channels, self.image_size, self.image_size)
 
 
+def augmentation_label(resized_crop: bool, crop_padding: int, hflip: bool) -> str:
+    """How training images are augmented, in a few words, for result.json and `kdrun compare --protocol`."""
+    parts = ["random resized crop"] if resized_crop else [f"crop pad {crop_padding}"] if crop_padding else []
+    parts += ["flip"] if hflip else []
+    return " + ".join(parts) or "none"
+
+
 def folder_transform(image_size: int, train: bool, crop: str = "pad", crop_padding: int = 4, hflip: bool = True):
     """PIL image -> uint8 tensor 3 x S x S (torchvision transforms v2); normalisation happens on the device."""
     from torchvision.transforms import v2
@@ -101,6 +108,8 @@ class FolderLoader:
         self.drop_last = drop_last
         self.workers = workers
         self.dataset = _Indexed(dataset, folder_transform(image_size, train, crop, crop_padding, hflip))
+        self.augmentation = augmentation_label(crop == "resized" and train, crop_padding if train else 0,
+                                               hflip and train)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.generator = torch.Generator()  # the DataLoader's sampler and worker seeds need a CPU generator

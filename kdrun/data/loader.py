@@ -7,7 +7,7 @@ import math
 import torch
 
 from kdrun.data.augment import normalize, random_crop, random_hflip
-from kdrun.data.imagefolder import FolderData, FolderLoader, make_folder_loaders
+from kdrun.data.imagefolder import FolderData, FolderLoader, augmentation_label, make_folder_loaders
 from kdrun.data.registry import ImageData
 
 
@@ -38,6 +38,10 @@ class TensorLoader:
     @property
     def num_samples(self) -> int:
         return len(self.labels)
+
+    @property
+    def augmentation(self) -> str:
+        return augmentation_label(False, self.crop_padding, self.hflip)
 
     def __len__(self) -> int:
         n = self.num_samples / self.batch_size

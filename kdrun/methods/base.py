@@ -25,6 +25,7 @@ from torch import nn
 
 from kdrun.errors import ConfigError
 from kdrun.features import FeatureTap, feature_shapes
+from kdrun.methods.dot import dot_setting, dot_step, make_dot_optimizer
 
 KL_REDUCTIONS = ("batchmean", "mean")
 # How much of the teacher a method may see (`teacher.access`), least first: a black box's softmax outputs,
@@ -77,6 +78,9 @@ class Method(nn.Module):
     # True when the method's own terms or loader read the ground-truth labels (DKD's target class, CRD's class
     # blocks, a peer's CE): a transfer set without labels refuses it.
     uses_labels: ClassVar[bool] = False
+    # The logit-distillation terms whose weight `method.logit_standardize=true` sets to `method.ls_weight` (kd's
+    # `kd`, dkd's `dkd`, ...); a method without any refuses the modifier. See logit_standardization.py.
+    ls_terms: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None, num_classes: int):
         super().__init__()
@@ -86,6 +90,8 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self.T = float(cfg.get("T", 4.0))
         self.alpha = float(cfg.get("alpha", 0.0)) if teacher is not None else 0.0
+        self.logit_standardize = self._logit_standardization(cfg)
+        self.dot = dot_setting(cfg)  # DOT's two-momentum SGD (dot.py) replaces the optimizer
         self.kl_reduction = str(cfg.get("kl_reduction") or "batchmean")
         if self.kl_reduction not in KL_REDUCTIONS:
             raise ConfigError(f"method.kl_reduction={self.kl_reduction} is not allowed: one of {', '.join(KL_REDUCTIONS)}")
@@ -110,6 +116,36 @@ class Method(nn.Module):
     @property
     def teacher(self) -> nn.Module | None:
         return self._teacher[0]
+
+    def _logit_standardization(self, cfg) -> bool:
+        """`method.logit_standardize`; when on, the temperature becomes `base_T` and the CE weight is fixed
+        from the method's own alpha before `ls_weight` replaces the distillation weights."""
+        value = cfg.get("logit_standardize", False)
+        if not isinstance(value, bool):
+            raise ConfigError(f"method.logit_standardize={value} is not allowed: true or false")
+        if not value:
+            return False
+        name = cfg.get("name", type(self).__name__.lower())
+        if not self.ls_terms:
+            from kdrun.methods import METHODS  # the registry imports this module
+
+            allowed = sorted(n for n in METHODS.names() if METHODS.get(n).ls_terms)
+            raise ConfigError(f"method.logit_standardize=true is not allowed with method={name}: it standardizes "
+                              f"the logits of a logit-distillation term; methods with one: {', '.join(allowed)}")
+        from kdrun.methods.common import config_number
+
+        self.T = config_number(cfg, "base_T", 2.0, strict=True)
+        self.ls_weight = config_number(cfg, "ls_weight", 9.0)
+        self._ls_ce_weight = self.ce_weight()  # kd's 1 - alpha of its own alpha (0.1), as the official CE weight
+        return True
+
+    def distil_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits a distillation term compares: z-scored per sample under `method.logit_standardize`."""
+        if not self.logit_standardize:
+            return logits
+        from kdrun.methods.logit_standardization import standardize_logits
+
+        return standardize_logits(logits)
 
     # ----- what a subclass may override -------------------------------------------------------------
     @classmethod
@@ -143,6 +179,9 @@ class Method(nn.Module):
         weights = {"ce": self.ce_weight(), "kd": self.alpha}
         beta = float(self.cfg.get("beta", 1.0))
         weights.update({name: beta for name in self.term_names})
+        if self.logit_standardize:
+            weights["ce"] = self._ls_ce_weight
+            weights.update({name: self.ls_weight for name in self.ls_terms})
         return weights
 
     def ce_weight(self) -> float:
@@ -168,6 +207,30 @@ class Method(nn.Module):
     def begin_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.stage_epoch += 1
+
+    def make_optimizer(self, params, optim_cfg, lr: float) -> torch.optim.Optimizer:
+        """The optimizer of a stage: the run's `optim` group (DOT replaces it with its two-momentum SGD)."""
+        if self.dot:
+            return make_dot_optimizer(params, optim_cfg, lr, self.cfg)
+        from kdrun.schedule import build_optimizer
+
+        return build_optimizer(params, optim_cfg, lr)
+
+    def optimizer_step(self, out: StepOutput, weights: dict[str, float], optimizer, scaler) -> torch.Tensor:
+        """Backward of the weighted total and one optimizer step; returns the total. Under `method.dot`, one
+        backward per gradient kind (dot.py)."""
+        if self.dot:
+            return dot_step(out, weights, optimizer, scaler, self.supervised_terms)
+        total = sum(weights[n] * out.terms[n] for n in out.terms)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return total
+
+    def record_extras(self) -> dict:
+        """Extra flat keys for result.json (SimKD: the deployed student's parameters, teacher head included)."""
+        return {}
 
     # ----- the machinery ------------------------------------------------------------------------------
     def distilling(self) -> bool:
@@ -244,7 +307,8 @@ class Method(nn.Module):
 
                 terms["kd"] = symmetric_kl_loss(fw.s_logits, fw.t_logits)
             else:
-                terms["kd"] = kd_loss(fw.s_logits, fw.t_logits, self.T, self.kl_reduction)
+                terms["kd"] = kd_loss(self.distil_logits(fw.s_logits), self.distil_logits(fw.t_logits), self.T,
+                                      self.kl_reduction)
         return terms
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:

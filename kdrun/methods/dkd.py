@@ -49,6 +49,7 @@ class DKD(Method):
     teacher_access = "probabilities"  # softmax of the teacher only: log p_T serves as its logits
 
     term_names = ("dkd",)
+    ls_terms = ("dkd",)
 
     def __init__(self, cfg, student, teacher, num_classes):
         super().__init__(cfg, student, teacher, num_classes)
@@ -70,4 +71,5 @@ class DKD(Method):
         return weights
 
     def method_terms(self, fw: Forward) -> dict[str, torch.Tensor]:
-        return {"dkd": dkd_loss(fw.s_logits, fw.t_logits, fw.labels, self.dkd_alpha, self.dkd_beta, self.T)}
+        return {"dkd": dkd_loss(self.distil_logits(fw.s_logits), self.distil_logits(fw.t_logits), fw.labels,
+                                self.dkd_alpha, self.dkd_beta, self.T)}

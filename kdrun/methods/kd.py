@@ -33,5 +33,6 @@ class KD(Method):
     """Hinton et al. 2015, Distilling the Knowledge in a Neural Network: (1 - alpha) CE + alpha T^2 KL."""
 
     ce_follows_alpha = True
+    ls_terms = ("kd",)
     teacher_access = "probabilities"  # the teacher's softmax at T only: log p_T serves as its logits
     official_code = "RepDistiller distiller_zoo/KD.py (batchmean x T^2; kl_reduction=mean for nn.KLDivLoss() code)"

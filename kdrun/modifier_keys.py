@@ -1,0 +1,6 @@
+"""Method modifiers that any logit method may switch on, and the keys that only matter when it is on. A run
+with a modifier off records (and hashes) none of its keys, so runs made before it existed keep their identity."""
+MODIFIER_KEYS = {"logit_standardize": ("base_T", "ls_weight"), "dot": ("dot_delta",)}
+
+# Record columns that only refine a switch: `kdrun compare` names a configuration by the switch instead.
+DEPENDENT_COLUMNS = tuple(f"method.{key}" for keys in MODIFIER_KEYS.values() for key in keys)
