@@ -57,7 +57,30 @@ def ls_command(args: list[str]) -> int:
             cells.append(registry.get(entry).official_code or "-")
         table.add_row(*cells)
     out.print(table)
+    if opts.what == "methods":
+        out.print(modifier_table(registry))
     return 0
+
+
+def modifier_table(methods) -> Table:
+    """The keys that modify several methods, and which methods take them."""
+    from omegaconf import OmegaConf
+
+    from kdrun.paths import conf_dir
+
+    def with_key(key: str) -> str:
+        names = [n for n in methods.names() if key in OmegaConf.load(conf_dir() / "method" / f"{n}.yaml")]
+        return ", ".join(names)
+
+    table = Table(title="kdrun method modifiers")
+    table.add_column("key", no_wrap=True)
+    table.add_column("paper (official code)")
+    table.add_column("methods")
+    table.add_row("method.logit_standardize", "Sun et al. 2024, Logit Standardization in KD "
+                  "(sunshangquan/logit-standardization-KD)", with_key("logit_standardize"))
+    table.add_row("method.dot", "Zhao et al. 2023, DOT: A Distillation-Oriented Trainer (mdistiller engine/dot.py)",
+                  with_key("dot"))
+    return table
 
 
 def dataset_shape(name: str | None) -> tuple[tuple[int, ...], int]:

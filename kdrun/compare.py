@@ -81,7 +81,8 @@ def compare_command(args: list[str]) -> int:
     notes = Console(stderr=not (opts.format == "table" and opts.out is None))
     if metric_note:
         print_lines(notes, [metric_note])
-    differing = [c for c in differing_facts(protocol) if c != "changed keys"]
+    # the statistic's own note (metric_note) already says when the runs record different ones
+    differing = [c for c in differing_facts(protocol) if c != "changed keys" and not (metric_note and c == "statistic")]
     if differing and not opts.protocol:
         print_lines(notes, [f"the rows differ in protocol ({', '.join(differing)}); kdrun compare --protocol shows "
                             "each row's"])

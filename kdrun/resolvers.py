@@ -3,7 +3,8 @@
 `${kdrun.repdistiller_lr:${student.name}}` is RepDistiller's learning rate for that model and
 `${kdrun.dkd_beta:${method.name},${teacher.name},${student.name}}` mdistiller's DKD beta for that pair, so that
 `kdrun +experiment=repdistiller_cifar100 method=dkd teacher=resnet56 student=resnet20` runs the published
-protocol without hand-set values. They are registered wherever the config is composed
+protocol without hand-set values; `kdrun.recipe_lr`/`kdrun.recipe_epochs` give MLKD its own lr and epochs there,
+and `kdrun.reviewkd_beta` is ReviewKD's default weight for the pair. They are registered wherever the config is composed
 (`kdrun.config_store.register_model_groups`); Hydra hands registered resolvers on to joblib and submitit
 workers with its singleton state.
 """
@@ -45,6 +46,49 @@ def dkd_beta(method: str, teacher: str, student: str) -> float | None:
     return DKD_BETA.get((str(teacher), str(student)), DKD_DEFAULT_BETA)
 
 
+# ReviewKD's weight (--kd-loss-weight) per pair: the authors' CIFAR-100/script/reviewKD.sh (dvlab-research/ReviewKD);
+# the pairs it does not list get its usual 5.0, also mdistiller's configs/cifar100/reviewkd.yaml REVIEWKD_WEIGHT.
+REVIEWKD_DEFAULT_BETA = 5.0
+REVIEWKD_BETA = {
+    ("resnet32x4", "shufflenetv2"): 8.0,
+    ("resnet56", "resnet20"): 0.6,
+    ("resnet110", "resnet32"): 1.0,
+}
+
+# MLKD's protocol (Jin-Ying/Multi-Level-Logit-Distillation configs/cifar100/ours/*.yaml): lr 0.025, or 0.01 for
+# MobileNetV2 and ShuffleNet students; 240 epochs, longer for the pairs below; the lr decay stays at 150/180/210.
+MLKD_LR = 0.025
+MLKD_EPOCHS = {
+    ("resnet32x4", "shufflenetv1"): 960,    # res32x4_shuv1.yaml
+    ("resnet32x4", "shufflenetv2"): 960,    # res32x4_shuv2.yaml
+    ("resnet50", "mobilenetv2"): 480,       # res50_mv2.yaml (its MobileNetV2 is mobile_half)
+    ("resnet50", "mobilenetv2_half"): 480,
+    ("vgg13", "mobilenetv2"): 480,          # vgg13_mv2.yaml
+    ("vgg13", "mobilenetv2_half"): 480,
+    ("wrn_40_2", "shufflenetv1"): 480,      # wrn40_2_shuv1.yaml
+}
+REPDISTILLER_EPOCHS = 240
+
+
+def reviewkd_beta(teacher: str, student: str) -> float:
+    """The authors' ReviewKD weight for the pair (conf/method/reviewkd.yaml's default beta)."""
+    return REVIEWKD_BETA.get((str(teacher), str(student)), REVIEWKD_DEFAULT_BETA)
+
+
+def recipe_lr(method: str, student: str) -> float:
+    """The benchmark recipe's student lr: MLKD's own for mlkd, else RepDistiller's for the student."""
+    if str(method) == "mlkd" and str(student) not in REPDISTILLER_LOW_LR_MODELS:
+        return MLKD_LR
+    return repdistiller_lr(student)
+
+
+def recipe_epochs(method: str, teacher: str, student: str) -> int:
+    """The benchmark recipe's epochs: MLKD's longer runs for some pairs, else RepDistiller's 240."""
+    if str(method) == "mlkd":
+        return MLKD_EPOCHS.get((str(teacher), str(student)), REPDISTILLER_EPOCHS)
+    return REPDISTILLER_EPOCHS
+
+
 # A sweep job's folder is named by its overrides; past this many characters (file names stop at 255 bytes)
 # it keeps their start and a hash of the whole, so a long sweep still gets one folder per job.
 JOB_DIRNAME_LIMIT = 150
@@ -61,7 +105,8 @@ def job_dirname(overrides: str) -> str:
     return f"{text.encode()[:JOB_DIRNAME_LIMIT - 12].decode(errors='ignore')}_{digest}"
 
 
-RESOLVERS = {"kdrun.repdistiller_lr": repdistiller_lr, "kdrun.dkd_beta": dkd_beta, "kdrun.job_dirname": job_dirname}
+RESOLVERS = {"kdrun.repdistiller_lr": repdistiller_lr, "kdrun.dkd_beta": dkd_beta, "kdrun.job_dirname": job_dirname,
+             "kdrun.reviewkd_beta": reviewkd_beta, "kdrun.recipe_lr": recipe_lr, "kdrun.recipe_epochs": recipe_epochs}
 
 
 def register_resolvers() -> None:

@@ -123,3 +123,13 @@ def test_runs_without_the_modifier_record_none_of_its_keys(kdrun):
     assert code == 0 and not any(k.startswith(("method.logit_standardize", "method.base_T", "method.ls_weight"))
                                  for k in record)
     assert record["augmentation"] == "crop pad 1"  # digits' training augmentation, for compare --protocol
+
+
+def test_ls_methods_lists_the_modifiers_and_the_methods_that_take_them(capsys):
+    from conftest import run_cli
+
+    assert run_cli("ls", "methods") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "method modifiers" in out and "Sun et al. 2024" in out and "DOT" in out
+    for name in ("reviewkd", "dist", "mlkd", "ctkd", "wttm", "ttm", "nkd", "simkd"):
+        assert f" {name} " in out, name

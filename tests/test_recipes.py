@@ -167,3 +167,29 @@ def test_compare_metric_is_no_grouping_key(tmp_path, capsys):
     code, _, err = compare(capsys, root, "--by", "compare_metric")
     assert code == 2 and "unknown key compare_metric" in err
     assert json.loads(next(Path(root).rglob("result.json")).read_text())["compare_metric"] == "last_acc"
+
+
+# ---- the methods after DKD in the benchmark recipe ---------------------------------------------------------
+
+@pytest.mark.parametrize("teacher, student, lr, epochs", [
+    ("resnet32x4", "resnet8x4", 0.025, 240), ("vgg13", "mobilenetv2", 0.01, 480),
+    ("resnet32x4", "shufflenetv2", 0.01, 960), ("wrn_40_2", "wrn_16_2", 0.025, 240)])
+def test_mlkd_gets_its_own_lr_and_epochs_and_the_teacher_stays_the_same(teacher, student, lr, epochs):
+    cfg = compose_config(REPDISTILLER, "method=mlkd", f"teacher={teacher}", f"student={student}")
+    assert (cfg.optim.lr, cfg.epochs, cfg.teacher.epochs) == (lr, epochs, 240)
+    other = compose_config(REPDISTILLER, "method=kd", f"teacher={teacher}", f"student={student}")
+    assert other.epochs == 240 and other.optim.lr in (0.05, 0.01)
+
+
+@pytest.mark.parametrize("teacher, student, beta", [("resnet32x4", "resnet8x4", 5.0), ("resnet56", "resnet20", 0.6),
+                                                   ("resnet110", "resnet32", 1.0), ("resnet32x4", "shufflenetv2", 8.0)])
+def test_reviewkd_weight_is_the_authors_for_the_pair(teacher, student, beta):
+    cfg = compose_config("method=reviewkd", f"teacher={teacher}", f"student={student}")
+    assert cfg.method.beta == beta
+    assert compose_config("method=reviewkd", "method.beta=2").method.beta == 2
+
+
+def test_every_new_method_composes_under_the_recipe():
+    for method in ("reviewkd", "dist", "mlkd", "ctkd", "wttm", "ttm", "nkd", "simkd"):
+        cfg = compose_config(REPDISTILLER, f"method={method}")
+        assert cfg.method.name == method and cfg.compare_metric == "last_acc"

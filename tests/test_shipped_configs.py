@@ -14,7 +14,7 @@ EXPERIMENTS = {
     "tfkd_poor_teacher": dict(dataset="cifar100", teacher="resnet18", student="mobilenetv2", epochs=200, T=20.0),
     "tfkd_reverse_kd": dict(dataset="cifar100", teacher="mobilenetv2", student="resnet18", epochs=200, T=20.0),
 }
-SWEEP_JOBS = {"all_methods": 18 * 3, "teacher_sizes": 8 * 3, "t_alpha_grid": 5 * 3 * 3, "ta_chains": 5 * 3,
+SWEEP_JOBS = {"all_methods": 26 * 3, "teacher_sizes": 8 * 3, "t_alpha_grid": 5 * 3 * 3, "ta_chains": 5 * 3,
               "kd_as_init": 5 * 3, "no_residual_students": 3 * 2 * 3, "linear_theory": 6 * 3 * 3}
 
 
