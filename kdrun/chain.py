@@ -13,6 +13,7 @@ from torch import nn
 from kdrun.errors import ConfigError
 from kdrun.models import MODELS, create_model
 from kdrun.teachers import cache_dir, resolve_cached, teacher_identity, training_identity
+from kdrun.modifier_keys import drop_off_modifiers
 
 
 def assistant_names(cfg) -> list[str]:
@@ -52,8 +53,7 @@ def resolve_chain(cfg, method_cls, teacher: nn.Module, root_identity: dict, assi
     links = []
     upstream, upstream_identity = teacher, root_identity
     for name, frozen in zip(assistant_names(cfg), assistants):
-        identity = {"model": name, "method": OmegaConf.to_container(cfg.method, resolve=True),
-                    "upstream": upstream_identity, **training_identity(cfg)}
+        identity = link_identity(cfg, name, upstream_identity)
 
         def new_learner(name=name, upstream=upstream):
             return link_learner(cfg, method_cls, name, upstream, data, settings.device)
@@ -64,6 +64,13 @@ def resolve_chain(cfg, method_cls, teacher: nn.Module, root_identity: dict, assi
         links.append({"model": name, "acc": resolved.accuracy, "source": resolved.source, "sha256": resolved.sha256})
         upstream, upstream_identity = frozen, identity
     return links
+
+
+def link_identity(cfg, name: str, upstream_identity: dict) -> dict:
+    """An assistant's cache key. A modifier left off is not part of it, so assistants cached before the modifier
+    existed still match."""
+    return {"model": name, "method": drop_off_modifiers(OmegaConf.to_container(cfg.method, resolve=True)),
+            "upstream": upstream_identity, **training_identity(cfg)}
 
 
 def root_identity(cfg, teacher_sha256: str) -> dict:

@@ -68,18 +68,22 @@ def modifier_table(methods) -> Table:
 
     from kdrun.paths import conf_dir
 
-    def with_key(key: str) -> str:
-        names = [n for n in methods.names() if key in OmegaConf.load(conf_dir() / "method" / f"{n}.yaml")]
-        return ", ".join(names)
+    def with_key(key: str) -> list[str]:
+        return [n for n in methods.names() if key in OmegaConf.load(conf_dir() / "method" / f"{n}.yaml")]
+
+    def standardizable() -> str:  # the methods with a logit-distillation term; `+` where the YAML lacks the key
+        names = [n for n in methods.names() if methods.get(n).ls_terms]
+        listed = with_key("logit_standardize")
+        return ", ".join(n if n in listed else f"{n} (+method.logit_standardize)" for n in names)
 
     table = Table(title="kdrun method modifiers")
     table.add_column("key", no_wrap=True)
     table.add_column("paper (official code)")
     table.add_column("methods")
     table.add_row("method.logit_standardize", "Sun et al. 2024, Logit Standardization in KD "
-                  "(sunshangquan/logit-standardization-KD)", with_key("logit_standardize"))
+                  "(sunshangquan/logit-standardization-KD)", standardizable())
     table.add_row("method.dot", "Zhao et al. 2023, DOT: A Distillation-Oriented Trainer (mdistiller engine/dot.py)",
-                  with_key("dot"))
+                  f"{', '.join(with_key('dot'))}; any other method as +method.dot=true")
     return table
 
 

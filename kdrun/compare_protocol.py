@@ -20,16 +20,19 @@ PROTOCOL_COLUMNS = {"augmentation": "augmentation", "epochs": "epochs", "batch":
                     "statistic": RECORDED_METRIC, "changed keys": None}
 TOP_LEVEL_METHOD_KEYS = ("T", "alpha", "beta")  # a record keeps these without the `method.` prefix
 STATISTIC_WORDS = {"best_acc": "best", "last_acc": "last"}
+UNKNOWN = "-"  # a fact the run's record does not hold
+PER_RUN = object()  # a default the YAML computes from the run (an interpolation such as the pair's weight)
 
 
 @lru_cache(maxsize=None)
 def method_defaults(name: str) -> dict:
-    """The shipped YAML's plain values (interpolations such as `${teacher.name}` depend on the run: skipped)."""
+    """The shipped YAML's values; an interpolation (`${teacher.name}`, a per-pair weight) depends on the run: PER_RUN,
+    never counted as changed unless it belongs to a modifier that is on."""
     path = conf_dir() / "method" / f"{name}.yaml"
     if not isinstance(name, str) or not path.is_file():
         return {}
     node = OmegaConf.load(path)
-    return {key: node[key] for key in node if key != "name" and not OmegaConf.is_interpolation(node, key)}
+    return {key: PER_RUN if OmegaConf.is_interpolation(node, key) else node[key] for key in node if key != "name"}
 
 
 def same(a, b) -> bool:
@@ -49,10 +52,15 @@ def changed_keys(run: pd.Series) -> str:
         if isinstance(default, (dict, list)) or OmegaConf.is_config(default):
             continue  # layer pairs and peer lists: shown as keys of the table when they vary
         column = key if key in TOP_LEVEL_METHOD_KEYS else f"method.{key}"
-        if column in run.index and not is_missing(run[column]) and (
-                not same(run[column], default) or switched_on(run, key)):
+        if column not in run.index or is_missing(run[column]) or (key == "T" and standardized(run)):
+            continue  # (a standardized run records base_T as its T: shown as base_T)
+        if switched_on(run, key) or (default is not PER_RUN and not same(run[column], default)):
             changed.append(f"{key}={text(run[column])}")
     return " ".join(changed) or "none"
+
+
+def standardized(run: pd.Series) -> bool:
+    return run.get("method.logit_standardize") is True
 
 
 def switched_on(run: pd.Series, key: str) -> bool:
@@ -87,10 +95,21 @@ def protocol_columns(done: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         return pd.DataFrame(columns=list(PROTOCOL_COLUMNS))
     facts = pd.DataFrame([protocol_of(run) for _, run in done.iterrows()], index=done.index)
     grouped = facts.groupby([done[key] for key in keys], dropna=False, sort=False)
-    return grouped.agg(lambda values: " / ".join(dict.fromkeys(values))).reset_index(drop=True)
+    return grouped.agg(join_known).reset_index(drop=True)
+
+
+def join_known(values: pd.Series) -> str:
+    """A row's distinct values joined by /; `-` (a record from before the fact was recorded) only when no run of
+    the row knows it."""
+    known = [v for v in dict.fromkeys(values) if v != UNKNOWN]
+    return " / ".join(known) or UNKNOWN
 
 
 def differing_facts(protocol: pd.DataFrame) -> list[str]:
-    """The protocol columns whose values differ between rows (or within one)."""
-    return [column for column in protocol.columns
-            if protocol[column].nunique() > 1 or protocol[column].str.contains(" / ", regex=False).any()]
+    """The protocol columns whose known values differ between rows (or within one)."""
+    differing = []
+    for column in protocol.columns:
+        known = protocol[column][protocol[column] != UNKNOWN]
+        if known.nunique() > 1 or known.str.contains(" / ", regex=False).any():
+            differing.append(column)
+    return differing

@@ -38,11 +38,14 @@ def repdistiller_lr(model: str) -> float:
     return REPDISTILLER_LOW_LR if str(model) in REPDISTILLER_LOW_LR_MODELS else REPDISTILLER_LR
 
 
-def dkd_beta(method: str, teacher: str, student: str) -> float | None:
-    """mdistiller's DKD beta (NCKD weight) for the pair; None for methods other than dkd, which have no
-    such key of their own."""
+def dkd_beta(method: str, teacher: str, student: str, logit_standardize=False) -> float | None:
+    """mdistiller's DKD beta (NCKD weight) for the pair, or that of logit standardization's runs when it is on;
+    None for methods other than dkd, which have no such key of their own."""
     if str(method) != "dkd":
         return None
+    pair = (str(teacher), "mobilenetv2" if str(student) == "mobilenetv2_half" else str(student))
+    if logit_standardize is True and pair in LS_DKD_BETA:
+        return LS_DKD_BETA[pair]
     return DKD_BETA.get((str(teacher), str(student)), DKD_DEFAULT_BETA)
 
 
@@ -82,11 +85,57 @@ def recipe_lr(method: str, student: str) -> float:
     return repdistiller_lr(student)
 
 
+def recipe_teacher_epochs(method: str, teacher: str, student: str, epochs: int) -> int:
+    """The teacher's epochs under the recipe: the student's (as everywhere), except that MLKD's longer student
+    runs keep RepDistiller's 240-epoch teacher (the one every other method of the pair distils from)."""
+    if str(method) == "mlkd" and int(epochs) == recipe_epochs(method, teacher, student):
+        return REPDISTILLER_EPOCHS
+    return int(epochs)
+
+
 def recipe_epochs(method: str, teacher: str, student: str) -> int:
     """The benchmark recipe's epochs: MLKD's longer runs for some pairs, else RepDistiller's 240."""
     if str(method) == "mlkd":
         return MLKD_EPOCHS.get((str(teacher), str(student)), REPDISTILLER_EPOCHS)
     return REPDISTILLER_EPOCHS
+
+
+# Logit standardization's per-pair settings: the official logs of sunshangquan/logit-standardization-KD are named
+# `TYPE,TEACHER,STUDENT,BASE_TEMP,KD_WEIGHT[,DKD_BETA]` (its README); the pairs without a log get its README
+# command's --base-temp 2 --kd-weight 9. Its MobileNetV2 is mobile_half: both kdrun widths get its values.
+LS_DEFAULT = (2.0, 9.0)
+LS_PAIRS = {
+    "kd": {("resnet50", "mobilenetv2"): (3.0, 1.0), ("resnet110", "resnet20"): (4.0, 12.0),
+           ("resnet32x4", "wrn_16_2"): (3.0, 9.0), ("resnet32x4", "wrn_40_2"): (3.0, 9.0),
+           ("vgg13", "mobilenetv2"): (3.0, 9.0), ("vgg13", "vgg8"): (3.0, 9.0), ("wrn_40_2", "mobilenetv2"): (3.0, 9.0)},
+    "dkd": {("resnet50", "mobilenetv2"): (2.0, 15.0), ("resnet110", "resnet20"): (2.0, 15.0),
+            ("resnet110", "resnet32"): (2.0, 15.0), ("resnet56", "resnet20"): (3.0, 18.0),
+            ("vgg13", "mobilenetv2"): (3.0, 9.0), ("vgg13", "vgg8"): (2.0, 15.0),
+            ("wrn_40_2", "mobilenetv2"): (2.0, 15.0), ("wrn_40_2", "resnet8x4"): (2.0, 18.0),
+            ("wrn_40_2", "wrn_16_2"): (2.0, 12.0), ("wrn_40_2", "wrn_40_1"): (2.0, 12.0)},
+    "mlkd": {("resnet32x4", "shufflenetv2"): (2.0, 6.0), ("vgg13", "mobilenetv2"): (2.0, 6.0),
+             ("vgg13", "vgg8"): (2.0, 6.0)},
+}
+# The third value of its DKD logs: DKD's beta in those runs, where it differs from mdistiller's (DKD_BETA).
+LS_DKD_BETA = {("resnet50", "mobilenetv2"): 2.0, ("resnet110", "resnet20"): 2.0, ("resnet110", "resnet32"): 2.0,
+               ("resnet32x4", "wrn_16_2"): 2.0, ("resnet32x4", "wrn_40_2"): 8.0, ("resnet56", "resnet20"): 2.0,
+               ("vgg13", "mobilenetv2"): 2.0, ("vgg13", "vgg8"): 2.0, ("wrn_40_2", "mobilenetv2"): 2.0,
+               ("wrn_40_2", "resnet8x4"): 2.0, ("wrn_40_2", "wrn_16_2"): 2.0, ("wrn_40_2", "wrn_40_1"): 2.0}
+
+
+def ls_pair(method: str, teacher: str, student: str) -> tuple[float, float]:
+    student = "mobilenetv2" if str(student) == "mobilenetv2_half" else str(student)
+    return LS_PAIRS.get(str(method), {}).get((str(teacher), student), LS_DEFAULT)
+
+
+def ls_base_T(method: str, teacher: str, student: str) -> float:
+    """Logit standardization's base temperature for the pair (a logit method's default `base_T`)."""
+    return ls_pair(method, teacher, student)[0]
+
+
+def ls_weight(method: str, teacher: str, student: str) -> float:
+    """Logit standardization's KD weight for the pair (a logit method's default `ls_weight`)."""
+    return ls_pair(method, teacher, student)[1]
 
 
 # A sweep job's folder is named by its overrides; past this many characters (file names stop at 255 bytes)
@@ -106,7 +155,9 @@ def job_dirname(overrides: str) -> str:
 
 
 RESOLVERS = {"kdrun.repdistiller_lr": repdistiller_lr, "kdrun.dkd_beta": dkd_beta, "kdrun.job_dirname": job_dirname,
-             "kdrun.reviewkd_beta": reviewkd_beta, "kdrun.recipe_lr": recipe_lr, "kdrun.recipe_epochs": recipe_epochs}
+             "kdrun.reviewkd_beta": reviewkd_beta, "kdrun.recipe_lr": recipe_lr, "kdrun.recipe_epochs": recipe_epochs,
+             "kdrun.recipe_teacher_epochs": recipe_teacher_epochs,
+             "kdrun.ls_base_T": ls_base_T, "kdrun.ls_weight": ls_weight}
 
 
 def register_resolvers() -> None:

@@ -16,7 +16,7 @@ from kdrun.errors import ConfigError, OutputError
 from kdrun.interrupt import Interrupted, stop_requested
 from kdrun.compress.options import COMPRESS_DEFAULTS, COMPRESS_KEYS
 from kdrun.methods import METHODS, Method
-from kdrun.modifier_keys import MODIFIER_KEYS
+from kdrun.modifier_keys import drop_off_modifiers
 from kdrun.resume import DeviceMismatch
 from kdrun.teachers import DATASET_LOCATION_KEYS, model_options_of
 from kdrun.train import CLASS_COLUMN, NonFiniteLoss, evaluate_classes
@@ -36,11 +36,8 @@ def config_hash(cfg: DictConfig) -> str:
     for key, default in (("access", "full"), ("query_budget", None)):
         if key in teacher and teacher[key] == default:
             teacher.pop(key)
-    method = container.get("method") or {}
-    for switch, keys in MODIFIER_KEYS.items():  # nor a method's modifier left off (logit standardization, DOT)
-        if method.get(switch) is False:
-            for key in (switch, *keys):
-                method.pop(key, None)
+    if container.get("method"):  # nor a method's modifier left off (logit standardization, DOT)
+        container["method"] = drop_off_modifiers(container["method"])
     student = container.get("student") or {}
     for key, default in COMPRESS_DEFAULTS.items():  # and an uncompressed student's
         if key in student and student[key] == default:
@@ -72,9 +69,8 @@ def compression_keys(student) -> dict:
 
 def base_record(cfg: DictConfig, run_dir: Path, device: str) -> dict:
     uses_teacher = METHODS.get(cfg.method.name).needs_teacher
-    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
-    off = [key for switch, keys in MODIFIER_KEYS.items() if method_cfg.get(switch) is False for key in (switch, *keys)]
-    method_keys = {f"method.{k}": v for k, v in method_cfg.items() if k not in ("name", "T", "alpha", "beta", *off)}
+    method_cfg = drop_off_modifiers(OmegaConf.to_container(cfg.method, resolve=True))
+    method_keys = {f"method.{k}": v for k, v in method_cfg.items() if k not in ("name", "T", "alpha", "beta")}
     # Dataset and model options (`dataset.n_train`, `student.residual`) too, so that compare can group by them.
     dataset_keys = {f"dataset.{k}": v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
                     if k not in ("name", *DATASET_LOCATION_KEYS)}
@@ -84,7 +80,8 @@ def base_record(cfg: DictConfig, run_dir: Path, device: str) -> dict:
         "run_id": run_dir.name, "status": "running", "error": None,
         "method": cfg.method.name, "teacher": cfg.teacher.name if uses_teacher else None,
         "student": cfg.student.name, "dataset": cfg.dataset.name, "seed": cfg.seed,
-        "T": cfg.method.get("T"), "alpha": cfg.method.get("alpha"), "beta": cfg.method.get("beta"),
+        "T": cfg.method.get("base_T") if cfg.method.get("logit_standardize") is True else cfg.method.get("T"),
+        "alpha": cfg.method.get("alpha"), "beta": cfg.method.get("beta"),
         **method_keys, **dataset_keys, **model_keys,
         "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.optim.lr, "precision": cfg.precision,
         "teacher_epochs": cfg.teacher.epochs if uses_teacher else None,

@@ -51,3 +51,12 @@ def compose_config(*overrides: str):
     from kdrun.config_store import compose_config as compose
 
     return compose(list(overrides))
+
+
+def method_defaults(name: str, teacher: str = "resnet26", student: str = "resnet8") -> dict:
+    """conf/method/<name>.yaml resolved as a run of that pair composes it (some defaults, such as ReviewKD's
+    weight or logit standardization's settings, are the official values for the pair)."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(f"method={name}", f"teacher={teacher}", f"student={student}")
+    return OmegaConf.to_container(cfg.method, resolve=True)

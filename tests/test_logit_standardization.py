@@ -115,7 +115,7 @@ def test_refused_for_methods_without_a_logit_term_and_for_non_booleans(kdrun, ca
 def test_a_digits_run_with_standardized_kd_trains(kdrun):
     code, (record,) = kdrun("method=kd", "method.logit_standardize=true")
     assert code == 0 and record["status"] == "completed"
-    assert record["method.logit_standardize"] is True and record["method.base_T"] == 2.0 and record["T"] == 4.0
+    assert record["method.logit_standardize"] is True and record["method.base_T"] == 2.0 and record["T"] == 2.0
 
 
 def test_runs_without_the_modifier_record_none_of_its_keys(kdrun):
@@ -133,3 +133,44 @@ def test_ls_methods_lists_the_modifiers_and_the_methods_that_take_them(capsys):
     assert "method modifiers" in out and "Sun et al. 2024" in out and "DOT" in out
     for name in ("reviewkd", "dist", "mlkd", "ctkd", "wttm", "ttm", "nkd", "simkd"):
         assert f" {name} " in out, name
+
+
+def test_an_assistants_cache_key_holds_no_modifier_left_off():
+    from kdrun.chain import link_identity
+
+    plain = link_identity(compose_config("method=kd", "assistants=[resnet14]"), "resnet14", {"root": 1})["method"]
+    assert not {"logit_standardize", "base_T", "ls_weight", "dot", "dot_delta"} & set(plain)
+    on = link_identity(compose_config("method=kd", "method.logit_standardize=true", "assistants=[resnet14]"),
+                       "resnet14", {"root": 1})["method"]
+    assert on["logit_standardize"] is True and on["base_T"] == 2.0
+
+
+def test_refused_with_ssld_symmetric_kl(kdrun, capsys):
+    code, _ = kdrun("method=kd", "method.alpha=1", "method.logit_standardize=true", "transfer=label_free")
+    err = capsys.readouterr().err
+    assert code == 2 and "method.logit_standardize=true is not allowed with transfer=label_free" in err
+
+
+def test_the_record_shows_the_temperature_the_run_trained_at(tmp_path):
+    from kdrun.experiment import base_record
+
+    rec = base_record(compose_config("method=kd", "method.logit_standardize=true"), tmp_path / "run", "cpu")
+    assert rec["T"] == 2.0 and rec["method.base_T"] == 2.0
+    assert base_record(compose_config("method=kd"), tmp_path / "run", "cpu")["T"] == 4.0
+
+
+@pytest.mark.parametrize("method, teacher, student, base_T, weight", [
+    ("kd", "resnet32x4", "resnet8x4", 2.0, 9.0), ("kd", "vgg13", "vgg8", 3.0, 9.0),
+    ("kd", "resnet110", "resnet20", 4.0, 12.0), ("dkd", "resnet56", "resnet20", 3.0, 18.0),
+    ("dkd", "wrn_40_2", "wrn_16_2", 2.0, 12.0), ("mlkd", "vgg13", "vgg8", 2.0, 6.0),
+    ("mlkd", "vgg13", "mobilenetv2_half", 2.0, 6.0), ("mlkd", "resnet32x4", "resnet8x4", 2.0, 9.0)])
+def test_the_official_logs_settings_per_pair_are_the_defaults(method, teacher, student, base_T, weight):
+    cfg = compose_config(f"method={method}", f"teacher={teacher}", f"student={student}")
+    assert (cfg.method.base_T, cfg.method.ls_weight) == (base_T, weight)
+
+
+def test_dkd_beta_under_the_recipe_follows_the_standardized_runs():
+    recipe = ("+experiment=repdistiller_cifar100", "method=dkd", "teacher=wrn_40_2", "student=wrn_16_2")
+    assert compose_config(*recipe).method.dkd_beta == 6.0  # mdistiller's
+    assert compose_config(*recipe, "method.logit_standardize=true").method.dkd_beta == 2.0  # the LS log's
+    assert compose_config("+experiment=repdistiller_cifar100", "method=at").method.dkd_beta is None

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import run_cli, results_under
+from conftest import method_defaults, run_cli, results_under
 from kdrun.data import TensorLoader
 from kdrun.errors import ConfigError
 from kdrun.methods import METHODS
@@ -143,7 +143,7 @@ def test_terms_and_total_match_the_official_forward_train(standardize, T, kd_wei
 
 # ----- the method ------------------------------------------------------------------------------------------
 def method_cfg(**overrides):
-    return OmegaConf.merge(OmegaConf.load(conf_dir() / "method" / "mlkd.yaml"), overrides)
+    return OmegaConf.merge(method_defaults("mlkd", "resnet8", "resnet8"), overrides)
 
 
 def build(**overrides):

@@ -193,3 +193,9 @@ def test_every_new_method_composes_under_the_recipe():
     for method in ("reviewkd", "dist", "mlkd", "ctkd", "wttm", "ttm", "nkd", "simkd"):
         cfg = compose_config(REPDISTILLER, f"method={method}")
         assert cfg.method.name == method and cfg.compare_metric == "last_acc"
+
+
+def test_the_teacher_follows_the_students_epochs_except_for_mlkds_longer_runs():
+    assert compose_config(REPDISTILLER, "epochs=2").teacher.epochs == 2
+    assert compose_config(REPDISTILLER, "method=mlkd", "teacher=vgg13", "student=mobilenetv2",
+                          "epochs=3").teacher.epochs == 3

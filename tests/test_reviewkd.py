@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import compose_config, results_under, run_cli
+from conftest import method_defaults, results_under, run_cli
 from kdrun.errors import ConfigError
 from kdrun.methods import METHODS
 from kdrun.methods.reviewkd import ABF, hcl_loss, review, warmup_factor
@@ -23,8 +23,7 @@ CIFAR = (3, 32, 32)
 
 def build(teacher: str, student: str, input_shape=CIFAR, classes: int = 100, **overrides):
     # the composed defaults: the weight is the authors' for the pair (an interpolation of the models' names)
-    defaults = compose_config("method=reviewkd", f"teacher={teacher}", f"student={student}").method
-    cfg = OmegaConf.merge(OmegaConf.to_container(defaults, resolve=True), overrides)
+    cfg = OmegaConf.merge(method_defaults("reviewkd", teacher, student), overrides)
     channels = (input_shape or CIFAR)[0]
     torch.manual_seed(0)
     method = METHODS.get("reviewkd")(cfg, create_model(student, classes, channels),

@@ -68,7 +68,8 @@ class CTKD(Method):
     metrics' `loss_temperature` column is its mean over each epoch; result.json keeps the last one
     (`ctkd_temperature`) and the last curriculum value (`ctkd_decay_value`).
 
-    Under `method.logit_standardize` (the logit-standardization repository's CTKD/, `--logit_stand`): both
+    Under `method.logit_standardize` (the logit-standardization repository's CTKD/scripts/run_cifar_distill.sh,
+    which standardizes although it passes no `--logit_stand`: that flag is inverted in its train_student.py:314): both
     models' logits are z-scored before the learned temperature, CE keeps 0.1 and the ctkd term gets
     `ls_weight` (its script's `-a 9`); the temperature stays learned in (t_start, t_start + t_end), `base_T`
     only sets the temperature of an extra fixed-T KD term (`alpha`, 0 by default)."""

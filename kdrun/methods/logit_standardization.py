@@ -17,7 +17,11 @@ STD_EPS = 1e-7  # the official `(logit - mean) / (1e-7 + stdv)`
 
 def standardize_logits(logits: torch.Tensor) -> torch.Tensor:
     """`(z - mean(z)) / (1e-7 + std(z))` over the classes of each sample, std unbiased (torch's default, as the
-    official `logit.std(dim=-1)`)."""
+    official `logit.std(dim=-1)`), in float32: under bf16 autocast the mean and std would keep 3 digits.
+
+    On a black box's log-probabilities (teacher.access=probabilities) the result equals that of the logits, log p
+    being the logits shifted per sample, except where log p is clamped at log(tiny) (logit gaps above ~87)."""
+    logits = logits.float()
     mean = logits.mean(dim=-1, keepdim=True)
     std = logits.std(dim=-1, keepdim=True)
     return (logits - mean) / (STD_EPS + std)

@@ -49,6 +49,10 @@ def check_transfer_method(cfg, transfer: TransferSet, method) -> None:
     """A transfer set without labels takes only methods whose loss is the teacher's outputs alone."""
     check_method_access(cfg, method)
     transfer.check_method(cfg, method)
+    if method.logit_standardize and cfg.transfer.get("divergence") == "js":
+        raise ConfigError(f"method.logit_standardize=true is not allowed with transfer={cfg.transfer.name} "
+                          "transfer.divergence=js: that symmetric KL compares the plain softmaxes, with no temperature "
+                          "to standardize for; use transfer.divergence=kl")
     if transfer.has_labels:
         return
     name = cfg.transfer.name
