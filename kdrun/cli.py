@@ -32,9 +32,11 @@ def dispatch(argv: list[str]) -> None:
             from kdrun import commands
 
             sys.exit(commands.run_subcommand(argv[0], argv[1:]))
-        from kdrun.overrides import check_group_choices, check_override_keys
+        from kdrun.overrides import check_group_choices, check_override_keys, quote_boolean_choices
 
+        argv = quote_boolean_choices(argv)  # compile=true names a group option, not a bool
         check_flag_combination(argv)
+        argv = fuse_launcher(argv)
         check_group_choices(argv)
         if not any(a in ("--help", "-h", "--hydra-help", "--info", "--shell-completion") for a in argv):
             check_override_keys(argv)
@@ -52,6 +54,31 @@ def check_flag_combination(argv: list[str]) -> None:
                           "to see one job's configuration, e.g. kdrun --cfg job method=kd")
 
 
+def fuse_launcher(argv: list[str]) -> list[str]:
+    """`fuse=true` / `fuse=K` in a sweep: the kdrun_fused launcher trains the jobs that differ only in method
+    scalars together (kdrun/fused). It is the launcher's setting, not the runs': their configs stay as alone."""
+    fuses = [a for a in argv if a.split("=", 1)[0] in ("fuse", "+fuse")]
+    if not fuses:
+        return argv
+    value = fuses[-1].split("=", 1)[1].strip().strip("'\"").lower()
+    rest = [a for a in argv if a not in fuses]
+    if value in ("false", "0", "no", "off"):
+        return rest
+    if value in ("true", "yes", "on"):
+        fuse = "true"
+    elif value.isdigit() and int(value) >= 2:
+        fuse = value
+    else:
+        raise ConfigError(f"fuse={value} is not allowed: true, false, or the most jobs per fused group (2 or more)")
+    if not any(a in ("-m", "--multirun") for a in argv):
+        raise ConfigError("fuse=... fuses the jobs of a sweep: give -m/--multirun with several values, e.g. "
+                          "kdrun -m method.T=2,4 fuse=true")
+    launchers = [a for a in rest if a.startswith("hydra/launcher=")]
+    if launchers:
+        raise ConfigError(f"fuse={value} trains fused jobs in this process: it cannot be combined with {launchers[0]}")
+    return [*rest, "hydra/launcher=kdrun_fused", f"hydra.launcher.fuse={fuse}"]
+
+
 def run_hydra(argv: list[str]) -> None:
     import hydra
 
@@ -62,6 +89,9 @@ def run_hydra(argv: list[str]) -> None:
     from kdrun import sweep_summary
 
     register_model_groups()
+    from kdrun.fused.launcher import register_launcher
+
+    register_launcher()
     sys.argv = ["kdrun", *argv]
     hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(experiment_job)()
     if sweep_summary.exit_status:  # a sweep with a failed (1) or interrupted (130) job

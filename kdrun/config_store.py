@@ -19,6 +19,13 @@ def teacher_node(name: str) -> dict:
         "keep_snapshots": True,    # keep every epoch's weights in the teacher cache (model size x epochs)
         "access": "full",          # full (module, features), logits or probabilities (a black box asked once per image)
         "query_budget": None,      # a black box's images at most (the transfer set is cut to fit)
+        # The teacher's logits for every (image, augmentation view), computed once and looked up instead of
+        # running the teacher (logit methods: kd, dkd, dist, ...). auto: on where exact, within cache_max_gb and
+        # worth it (stored already, or epochs >= views per image); true: on, or a one-line refusal; false: off.
+        "cache_outputs": "auto",
+        "cache_dtype": "auto",     # auto: the dtype the teacher's logits have under `precision` (exact); fp32, bf16, fp16
+        "cache_max_gb": 2.0,       # the largest cache (images x views x classes x bytes, GB) that auto turns on
+        "cache_features": False,   # cache teacher features too: not available yet (a feature method runs the teacher)
     }
 
 
@@ -38,8 +45,9 @@ def compose_config(overrides: list[str]):
     """The composed run config for these overrides, as `kdrun` builds it (no Hydra run, nothing written)."""
     from hydra import compose, initialize_config_dir
 
+    from kdrun.overrides import quote_boolean_choices
     from kdrun.paths import conf_dir
 
     register_model_groups()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=quote_boolean_choices(list(overrides)))

@@ -24,6 +24,9 @@ from kdrun.results import METRICS_FILE, RESULT_FILE, read_result, write_metrics,
 from kdrun.resume import DamagedCheckpoint, restore_training, training_state
 from kdrun.run_dir import RunLock, choose_run_dir
 from kdrun.run_record import after_training, base_record, config_hash, default_run_dir, outcome_of, summarise
+from kdrun.speed.cache_policy import CachePlan, plan_teacher_cache
+from kdrun.speed.teacher_cache import attach_teacher_cache
+from kdrun.step_speed import apply_tf32, resolve_eval_batch_size, step_settings
 from kdrun.storage import check_output_space
 from kdrun.teachers import check_snapshot_epoch, model_options_of, resolve_teacher
 from kdrun.train import TrainSettings, evaluate, fit
@@ -46,6 +49,7 @@ class Plan:
     assistants: list[nn.Module] = field(default_factory=list)  # TA chain; the last one teaches the student
     transfer: TransferSet | None = None        # what the student learns from
     student_loader: object = None              # the student's loader before wrap_train_loader (fed by the transfer set)
+    teacher_cache: CachePlan | None = None     # the teacher-output cache (teacher.cache_outputs), when it is exact
 
 
 def configure(cfg: DictConfig):
@@ -61,6 +65,7 @@ def prepare(cfg: DictConfig) -> Plan:
     method_cls = configure(cfg)
     check_config(cfg, method_cls.needs_teacher)
     device = resolve_device(cfg.device, cfg.precision)
+    resolve_eval_batch_size(cfg, device)  # auto: 64 on the CPU, 512 on CUDA
     data = load_dataset(cfg.dataset)
     transfer = build_transfer(cfg, data)
     check_data_fits(cfg, transfer.teacher_data)
@@ -90,92 +95,140 @@ def prepare(cfg: DictConfig) -> Plan:
     student_loader, test_loader = student_loaders(transfer, data, cfg.batch_size, device, cfg.seed, cfg.eval_batch_size)
     loader_rng = student_loader.generator
     train_loader = method.wrap_train_loader(student_loader)  # may refuse (e.g. a loader it cannot pair)
-    return Plan(cfg, data, method, TrainSettings(device, cfg.precision), train_loader, test_loader, loader_rng,
-                teacher, assistants, transfer, student_loader)
+    settings = TrainSettings(device, cfg.precision, **step_settings(cfg))  # compile, channels_last
+    teacher_cache = plan_teacher_cache(cfg, data, transfer, method, student_loader, train_loader, settings)
+    return Plan(cfg, data, method, settings, train_loader, test_loader, loader_rng, teacher, assistants, transfer,
+                student_loader, teacher_cache)
 
 
 def execute(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
     """Train (teacher if needed, then student), writing config, metrics, result and checkpoint to `run_dir`.
     With `resume`, continue the run there from its last epoch checkpoint."""
-    cfg, data, method, settings = plan.cfg, plan.data, plan.method, plan.settings
-    started = time.perf_counter()
-    check_stop()  # a signal during `prepare`: stop before anything is written
-    previous = read_result(run_dir / RESULT_FILE) if resume else None
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    record = {**base_record(cfg, run_dir, str(settings.device)), **plan.transfer.record}
-    if previous:
-        record.update(run_id=previous.get("run_id", run_dir.name), resumed=int(previous.get("resumed") or 0) + 1)
-    write_result(run_dir / RESULT_FILE, record)
-    rows: list[dict] = []
-    earlier_wall_s = 0.0
+    run = Execution(plan, run_dir, resume)
     try:
+        run.start()
+        with RunProgress(run.label) as progress:
+            run.train(progress)
+        run.finish()
+    except BaseException as exc:
+        run.fail(exc)
+        if isinstance(exc, Interrupted):
+            raise Interrupted(run.record["error"]) from None
+        raise  # a launcher's own exit (submitit requeues on SystemExit) goes on as it was
+    finally:
+        run.close()
+    return run.record
+
+
+class Execution:
+    """`execute` in phases: `__init__` writes config.yaml and the first record, `start` resolves the teacher
+    and everything else before training (and a resumed run's state), `train` fits, `finish` completes the
+    record; `fail(exc)` records an exception from any of them and `close` writes the record in any case. A
+    fused group (kdrun/fused) runs the phases of several runs, training them together in place of `train`."""
+
+    def __init__(self, plan: Plan, run_dir: Path, resume: bool = False):
+        cfg, settings = plan.cfg, plan.settings
+        self.plan, self.run_dir, self.resume = plan, run_dir, resume
+        self.method = plan.method
+        self.started = time.perf_counter()
+        check_stop()  # a signal during `prepare`: stop before anything is written
+        note = apply_tf32(cfg.get("tf32"), settings.device)  # process-wide flags: set (or restored) for every run
+        if note:
+            console.print(f"kdrun: {note}", highlight=False, soft_wrap=True)
+        previous = read_result(run_dir / RESULT_FILE) if resume else None
+        self.previous = previous
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        record = {**base_record(cfg, run_dir, str(settings.device)), **plan.transfer.record}
+        if previous:
+            record.update(run_id=previous.get("run_id", run_dir.name), resumed=int(previous.get("resumed") or 0) + 1)
+        write_result(run_dir / RESULT_FILE, record)
+        self.record = record
+        self.rows: list[dict] = []
+        self.earlier_wall_s = 0.0
+        self.transfer_run = None
+        self.point = None
+
+    def start(self) -> None:
+        plan, run_dir, record = self.plan, self.run_dir, self.record
+        cfg, data, method, settings = plan.cfg, plan.data, plan.method, plan.settings
         teacher_data = plan.transfer.teacher_data
-        transfer_run = None
         if plan.teacher is not None:
             teacher = resolve_teacher(cfg, plan.teacher, teacher_data, settings)
             record.update(teacher_acc=teacher.accuracy, teacher_source=teacher.source, teacher_sha256=teacher.sha256)
-            check_same_teacher(previous, teacher.sha256)
+            check_same_teacher(self.previous, teacher.sha256)
             if plan.assistants:
                 record["chain"] = resolve_chain(cfg, type(method), plan.teacher, root_identity(cfg, teacher.sha256),
                                                 plan.assistants, teacher_data, settings)
             write_result(run_dir / RESULT_FILE, record)
-        method = compress(plan, record)  # a quantized or pruned student, or one started from the teacher
+        method = self.method = compress(plan, record)  # a quantized or pruned student, or one started from the teacher
         if plan.teacher is not None:
-            transfer_run = TransferRun(cfg, plan.transfer, method, plan.student_loader,
-                                       teacher_client(cfg, plan.teacher, data, settings), run_dir, settings,
-                                       teacher_sha=teacher.sha256)
-            transfer_run.prepare()
+            self.transfer_run = TransferRun(cfg, plan.transfer, method, plan.student_loader,
+                                            teacher_client(cfg, plan.teacher, data, settings), run_dir, settings,
+                                            teacher_sha=teacher.sha256)
+            self.transfer_run.prepare()
             record.update(plan.transfer.record)
+            if plan.teacher_cache is not None:  # after the transfer set's final images are in the loader
+                direct_sha = record["chain"][-1]["sha256"] if plan.assistants else teacher.sha256
+                record.update(attach_teacher_cache(cfg, plan.teacher_cache, method, plan.student_loader, direct_sha,
+                                                   settings))
+                write_result(run_dir / RESULT_FILE, record)
         torch.manual_seed(cfg.seed)  # training a teacher just now (rather than loading it) must not change the run
-        point = None
-        if resume:
+        if self.resume:
             restored = restore_run(run_dir, method, plan.loader_rng, settings.device)
             if restored is not None:
-                point, rows, earlier_wall_s = restored.point, list(restored.rows), restored.wall_s
-                if rows:
-                    write_metrics(run_dir / METRICS_FILE, rows)  # drop a row written after the checkpoint
-                record["resumed_after_epoch"] = point.epoch
+                self.point, self.rows, self.earlier_wall_s = restored.point, list(restored.rows), restored.wall_s
+                if self.rows:
+                    write_metrics(run_dir / METRICS_FILE, self.rows)  # drop a row written after the checkpoint
+                record["resumed_after_epoch"] = self.point.epoch
                 method.teacher_queries = restored.teacher_queries
-                console.print(f"resuming {run_dir} {describe_point(point)}", highlight=False, soft_wrap=True)
+                console.print(f"resuming {run_dir} {describe_point(self.point)}", highlight=False, soft_wrap=True)
+        self.stages = plan.transfer.stages(method.stages(cfg.epochs), cfg.epochs)
+        self.before_stage = plan.transfer.stage_hook(self.transfer_run)
 
-        def save_state(state: dict) -> None:
-            wall_s = earlier_wall_s + time.perf_counter() - started
-            state = {**state, "teacher_queries": method.teacher_queries}
-            save_checkpoint(run_dir / "checkpoint.pt", training_state(method.student.state_dict(), state,
-                                                                      plan.loader_rng, rows, wall_s, settings.device))
+    @property
+    def label(self) -> str:
+        return f"{self.plan.cfg.method.name} {self.plan.cfg.student.name}"
 
-        def on_epoch(row: dict, state: dict) -> None:
-            if transfer_run is not None:
-                row["teacher_queries"] = transfer_run.queries + method.teacher_queries
-                plan.transfer.annotate(row)
-            rows.append(row)
-            write_metrics(run_dir / METRICS_FILE, rows)
-            save_state(state)
+    def save_state(self, state: dict) -> None:
+        plan, method = self.plan, self.method
+        wall_s = self.earlier_wall_s + time.perf_counter() - self.started
+        state = {**state, "teacher_queries": method.teacher_queries}
+        save_checkpoint(self.run_dir / "checkpoint.pt", training_state(method.student.state_dict(), state,
+                                                                       plan.loader_rng, self.rows, wall_s,
+                                                                       plan.settings.device))
 
-        label = f"{cfg.method.name} {cfg.student.name}"
-        stages = plan.transfer.stages(method.stages(cfg.epochs), cfg.epochs)
-        before_stage = plan.transfer.stage_hook(transfer_run)
-        with RunProgress(label) as progress:
-            fit(method, plan.train_loader, plan.test_loader, stages, cfg.optim, cfg.sched,
-                cfg.optim.lr, settings, progress, on_epoch, resume=point, loader_rng=plan.loader_rng,
-                on_stop=save_state, before_stage=before_stage)
-        record.update(summarise(rows, method))
-        record.update(finish_student(cfg, method.student, lambda model: evaluate(model, plan.test_loader, settings)[1],
-                                     run_dir))
-        record.update(after_training(plan, transfer_run))
+    def on_epoch(self, row: dict, state: dict) -> None:
+        if self.transfer_run is not None:
+            row["teacher_queries"] = self.transfer_run.queries + self.method.teacher_queries
+            self.plan.transfer.annotate(row)
+        self.rows.append(row)
+        write_metrics(self.run_dir / METRICS_FILE, self.rows)
+        self.save_state(state)
+
+    def train(self, progress) -> None:
+        plan, cfg = self.plan, self.plan.cfg
+        fit(self.method, plan.train_loader, plan.test_loader, self.stages, cfg.optim, cfg.sched,
+            cfg.optim.lr, plan.settings, progress, self.on_epoch, resume=self.point, loader_rng=plan.loader_rng,
+            on_stop=self.save_state, before_stage=self.before_stage)
+
+    def finish(self) -> None:
+        plan, cfg, record, method = self.plan, self.plan.cfg, self.record, self.method
+        record.update(summarise(self.rows, method))
+        record.update(finish_student(cfg, method.student,
+                                     lambda model: evaluate(model, plan.test_loader, plan.settings)[1], self.run_dir))
+        record.update(after_training(plan, self.transfer_run))
         if plan.transfer.val is not None:  # omitted classes: the bias shift, chosen on the held-out split
             student = next(iter(method.eval_models().values()))
-            record.update(correct_omitted_classes(cfg, student, plan.transfer.val, data, plan.test_loader, settings))
+            record.update(correct_omitted_classes(cfg, student, plan.transfer.val, plan.data, plan.test_loader,
+                                                  plan.settings))
         record["status"] = "completed"
-    except BaseException as exc:
-        record.update(outcome_of(exc, rows))
-        if isinstance(exc, Interrupted):
-            raise Interrupted(record["error"]) from None
-        raise  # a launcher's own exit (submitit requeues on SystemExit) goes on as it was
-    finally:
-        record["wall_s"] = earlier_wall_s + time.perf_counter() - started
-        write_result(run_dir / RESULT_FILE, record)
-    return record
+
+    def fail(self, exc: BaseException) -> None:
+        self.record.update(outcome_of(exc, self.rows))
+
+    def close(self) -> None:
+        self.record["wall_s"] = self.earlier_wall_s + time.perf_counter() - self.started
+        write_result(self.run_dir / RESULT_FILE, self.record)
 
 
 def compress(plan: Plan, record: dict) -> Method:

@@ -29,6 +29,23 @@ def split_choices(value: str) -> list[str]:
     return [v.strip().strip("'\"") for v in value.split(",") if v.strip()]
 
 
+BOOLEAN_OPTIONS = ("false", "true")
+
+
+def quote_boolean_choices(argv: list[str]) -> list[str]:
+    """`compile=true` -> `compile='true'`: Hydra reads an unquoted true/false as a bool, which it refuses as a
+    group option; quoted, it names the option file (conf/compile/true.yaml). `compile=false,true` sweeps alike."""
+    groups = set(file_groups())
+    quoted = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        choices = [c.strip() for c in value.split(",")]
+        if eq and key.lstrip("+~") in groups and all(c in BOOLEAN_OPTIONS for c in choices):
+            arg = f"{key}=" + ",".join(f"'{c}'" for c in choices)
+        quoted.append(arg)
+    return quoted
+
+
 def check_group_choices(argv: list[str]) -> None:
     groups = set(MODEL_GROUPS) | set(file_groups())
     for arg in argv:

@@ -146,8 +146,9 @@ JOB_DIRNAME_LIMIT = 150
 def job_dirname(overrides: str) -> str:
     """`${kdrun.job_dirname:${hydra.job.override_dirname}}`: the overrides, shortened when too long."""
     import hashlib
+    import re
 
-    text = str(overrides)
+    text = re.sub(r"='(true|false)'(?=,|$)", r"=\1", str(overrides))  # compile='true' (quoted for Hydra): compile=true
     if len(text.encode()) <= JOB_DIRNAME_LIMIT:
         return text
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]

@@ -18,10 +18,15 @@ from kdrun.compress.options import COMPRESS_DEFAULTS, COMPRESS_KEYS
 from kdrun.methods import METHODS, Method
 from kdrun.modifier_keys import drop_off_modifiers
 from kdrun.resume import DeviceMismatch
+from kdrun.step_speed import hash_as_before, speed_record
 from kdrun.teachers import DATASET_LOCATION_KEYS, model_options_of
 from kdrun.train import CLASS_COLUMN, NonFiniteLoss, evaluate_classes
 
 DEFAULT_TRANSFER = {"name": "labelled", "labelled_fraction": 1.0, "split_seed": 0}
+# The teacher-output cache's keys (kdrun/speed/): at their defaults they leave earlier runs' hashes as they were;
+# cache_outputs and cache_max_gb never count (the cache at the default dtype is exact: the run is the same).
+TEACHER_CACHE_DEFAULTS = {"cache_dtype": "auto", "cache_features": False}
+TEACHER_CACHE_HOW = ("cache_outputs", "cache_max_gb")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -29,13 +34,16 @@ def config_hash(cfg: DictConfig) -> str:
     container = OmegaConf.to_container(cfg, resolve=True)
     for key in ("results_dir", "run_dir", "device", "skip_completed", "resume", "compare_metric"):
         container.pop(key, None)
+    hash_as_before(cfg, container)  # compile, channels_last, tf32 and eval_batch_size=auto (step_speed.py)
     # The defaults of the transfer group and of teacher access leave the hash of earlier runs as it was.
     if container.get("transfer") == DEFAULT_TRANSFER:
         container.pop("transfer")
     teacher = container.get("teacher") or {}
-    for key, default in (("access", "full"), ("query_budget", None)):
+    for key, default in (("access", "full"), ("query_budget", None), *TEACHER_CACHE_DEFAULTS.items()):
         if key in teacher and teacher[key] == default:
             teacher.pop(key)
+    for key in TEACHER_CACHE_HOW:  # whether the exact teacher-output cache is used: how a run is made, not what
+        teacher.pop(key, None)
     if container.get("method"):  # nor a method's modifier left off (logit standardization, DOT)
         container["method"] = drop_off_modifiers(container["method"])
     student = container.get("student") or {}
@@ -91,7 +99,7 @@ def base_record(cfg: DictConfig, run_dir: Path, device: str) -> dict:
         "best_acc": None, "best_epoch": None, "last_acc": None, "wall_s": None, "device": device,
         "config_hash": config_hash(cfg), "run_dir": str(run_dir), "host": socket.gethostname(), "pid": os.getpid(),
         "compare_metric": cfg.get("compare_metric", "best_acc"),  # the statistic `kdrun compare` shows by default
-        **compression_keys(cfg.student),
+        **compression_keys(cfg.student), **speed_record(cfg),
         **({"teacher.access": str(cfg.teacher.get("access", "full")),
             "teacher.query_budget": cfg.teacher.get("query_budget")} if uses_teacher else {}),
     }

@@ -38,7 +38,8 @@ CACHE_FORMAT = 2  # bump when a change to training or to the entry's files makes
 TRAIN_STATE = "train_state.pt"  # the resumable state of an entry still being trained
 # Keys of a teacher/student node that are not model options (a student's compression keys among them).
 TEACHER_CONTROL_KEYS = ("name", "checkpoint", "epochs", "lr", "seed", "snapshot_epoch", "keep_snapshots", "access",
-                        "query_budget", *COMPRESS_KEYS)
+                        "query_budget", "cache_outputs", "cache_dtype", "cache_max_gb", "cache_features",
+                        *COMPRESS_KEYS)
 DATASET_LOCATION_KEYS = ("root", "download", "workers")
 
 

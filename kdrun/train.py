@@ -1,86 +1,26 @@
-"""The one training loop, shared by teachers, students and peers, and the evaluation after each epoch."""
+"""The one training loop, shared by teachers, students and peers (the evaluation after each epoch: evaluation.py)."""
 from __future__ import annotations
 
-import contextlib
-import re
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch import nn
 
 from kdrun.epoch_state import EpochInterrupted, EpochSums, ResumePoint
+# CLASS_COLUMN, TrainSettings and evaluate are imported from here by the rest of kdrun too
+from kdrun.evaluation import CLASS_COLUMN, TrainSettings, autocast, class_columns, evaluate  # noqa: F401
+from kdrun.evaluation import evaluate_classes
 from kdrun.interrupt import Interrupted, check_stop
 from kdrun.methods.base import Method, Stage
 from kdrun.schedule import build_scheduler
+from kdrun.step_speed import begin_step, fast_steps, to_step_format
 
 CONSTANT_SCHEDULE = OmegaConf.create({"name": "constant", "warmup_epochs": 0})
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLoss(RuntimeError):
     """A loss term became NaN or infinite; the message names the term and the step."""
-
-
-@dataclass
-class TrainSettings:
-    device: torch.device
-    precision: str = "fp32"
-    check_every: int = 25  # steps between finiteness checks: checking every step would sync the GPU each step
-
-
-def autocast(settings: TrainSettings):
-    dtype = AUTOCAST_DTYPES.get(settings.precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(settings.device.type, dtype=dtype)
-
-
-CLASS_COLUMNS_UP_TO = 20  # metrics.csv gets a test_acc_class<k> column per class up to this many classes
-CLASS_COLUMN = re.compile(r"test_acc_class\d+")
-
-
-@torch.inference_mode()
-def evaluate_classes(model: nn.Module, loader, settings: TrainSettings) -> tuple[float, float, list[float | None]]:
-    """Mean cross-entropy, top-1 accuracy (%) and each class's accuracy (%) over the loader (None for a
-    class the loader has no image of)."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=settings.device)
-    correct = torch.zeros((), device=settings.device, dtype=torch.long)
-    per_class = per_count = None
-    for images, labels, _ in loader:
-        with autocast(settings):
-            logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-        hits = logits.argmax(1) == labels
-        correct += hits.sum()
-        k = logits.shape[1]
-        if per_class is None:
-            per_class = torch.zeros(k, device=settings.device, dtype=torch.long)
-            per_count = torch.zeros(k, device=settings.device, dtype=torch.long)
-        per_class += torch.bincount(labels[hits], minlength=k)
-        per_count += torch.bincount(labels, minlength=k)
-    model.train(was_training)
-    n = loader.num_samples
-    classes = [100.0 * c / m if m else None for c, m in zip(per_class.tolist(), per_count.tolist())]
-    return loss_sum.item() / n, 100.0 * correct.item() / n, classes
-
-
-def evaluate(model: nn.Module, loader, settings: TrainSettings) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy (%) over the loader."""
-    loss, accuracy, _ = evaluate_classes(model, loader, settings)
-    return loss, accuracy
-
-
-def class_columns(class_acc: list[float | None]) -> dict:
-    """`test_acc_class<k>` columns, for datasets of at most CLASS_COLUMNS_UP_TO classes."""
-    if len(class_acc) > CLASS_COLUMNS_UP_TO:
-        return {}
-    return {f"test_acc_class{k}": acc for k, acc in enumerate(class_acc)}
 
 
 class FiniteGuard:
@@ -120,32 +60,57 @@ def train_epoch(method: Method, loader, optimizer, scheduler, settings: TrainSet
     `sums`: the epoch was stopped midway before; its first `sums.batches` batches are drawn again (so the
     loader's generator advances as it did) but not trained on, and the sums go on from where they were.
     A SIGTERM/SIGINT stops the epoch after the current step with EpochInterrupted, carrying the sums."""
-    weights = method.step_weights()
-    method.train()
-    sums = sums or EpochSums()
-    guard = None
-    skip = sums.batches
-    if sums.names is not None:
-        guard = FiniteGuard(sums.names, settings.check_every, method.stage, epoch, first_step)
-        guard.checked = sums.batches
+    run = EpochRun(method, optimizer, scheduler, settings, scaler, epoch, first_step, sums)
+    skip = run.sums.batches
     for images, labels, index in loader:
         if skip:
             skip -= 1
             continue
+        run.step(images, labels, index)
+        if on_step:
+            on_step()
+        try:
+            check_stop()  # a SIGTERM/SIGINT ends the run here, between two steps
+        except Interrupted as exc:
+            run.guard_check()  # a non-finite term is the failure to report, not the signal
+            raise EpochInterrupted(str(exc), run.sums) from None
+    return run.finish()
+
+
+class EpochRun:
+    """One epoch of one method, a step at a time: `train_epoch` drives one over its loader; a fused group
+    (kdrun/fused) drives several over one loader, each step on the same batch."""
+
+    def __init__(self, method: Method, optimizer, scheduler, settings: TrainSettings, scaler, epoch: int,
+                 first_step: int, sums: EpochSums | None = None):
+        self.method, self.optimizer, self.scheduler, self.settings, self.scaler = (method, optimizer, scheduler,
+                                                                                   settings, scaler)
+        self.epoch, self.first_step = epoch, first_step
+        self.weights = method.step_weights()
+        method.train()
+        self.sums = sums or EpochSums()
+        self.guard = None
+        if self.sums.names is not None:
+            self.guard = FiniteGuard(self.sums.names, settings.check_every, method.stage, epoch, first_step)
+            self.guard.checked = self.sums.batches
+
+    def step(self, images, labels, index) -> None:
+        method, settings, sums, weights = self.method, self.settings, self.sums, self.weights
+        begin_step(settings)
         with autocast(settings):
-            out = method(images, labels, index)
+            out = method(to_step_format(images, settings), labels, index)
         if sums.names is None:
             names = list(out.terms)
             unweighted = [n for n in names if n not in weights]
             if unweighted:
                 raise RuntimeError(f"method {type(method).__name__} returned loss term '{unweighted[0]}' "
                                    f"without a weight (weights: {', '.join(weights)})")
-            guard = FiniteGuard(names, settings.check_every, method.stage, epoch, first_step)
+            self.guard = FiniteGuard(names, settings.check_every, method.stage, self.epoch, self.first_step)
             sums.start(names, settings.device)
         values = torch.stack([out.terms[n].float() for n in sums.names])
-        guard.add(values)
-        total = method.optimizer_step(out, weights, optimizer, scaler)
-        scheduler.step()
+        self.guard.add(values)
+        total = method.optimizer_step(out, weights, self.optimizer, self.scaler)
+        self.scheduler.step()
         batch = labels.shape[0]
         sums.term_sums += values.detach() * batch
         sums.total_sum += total.detach().float() * batch
@@ -154,21 +119,21 @@ def train_epoch(method: Method, loader, optimizer, scheduler, settings: TrainSet
         sums.labelled += has_label.sum()
         sums.seen += batch
         sums.batches += 1
-        if on_step:
-            on_step()
-        try:
-            check_stop()  # a SIGTERM/SIGINT ends the run here, between two steps
-        except Interrupted as exc:
-            guard.check()  # a non-finite term is the failure to report, not the signal
-            raise EpochInterrupted(str(exc), sums) from None
-    guard.check()
-    seen = sums.seen
-    stats = {f"loss_{n}": v / seen for n, v in zip(sums.names, sums.term_sums.tolist())}
-    stats["train_loss"] = sums.total_sum.item() / seen
-    labelled = sums.labelled.item()
-    stats["train_acc"] = 100.0 * sums.correct.item() / labelled if labelled else float("nan")
-    stats["steps"] = guard.checked
-    return stats
+
+    def guard_check(self) -> None:
+        if self.guard is not None:
+            self.guard.check()
+
+    def finish(self) -> dict:
+        guard, sums = self.guard, self.sums
+        guard.check()
+        seen = sums.seen
+        stats = {f"loss_{n}": v / seen for n, v in zip(sums.names, sums.term_sums.tolist())}
+        stats["train_loss"] = sums.total_sum.item() / seen
+        labelled = sums.labelled.item()
+        stats["train_acc"] = 100.0 * sums.correct.item() / labelled if labelled else float("nan")
+        stats["steps"] = guard.checked
+        return stats
 
 
 def fit(method: Method, train_loader, test_loader, stages: list[Stage], optim_cfg, sched_cfg, lr: float,
@@ -185,7 +150,16 @@ def fit(method: Method, train_loader, test_loader, stages: list[Stage], optim_cf
     the resume point has one. When a signal stops an epoch midway, `on_stop(state)` gets the state to
     checkpoint that point (it needs `loader_rng`, the training loader's generator). `before_stage(index, stage,
     fresh)` runs before every stage, replayed ones too (`fresh` False for those and for the stage resumed
-    into): a transfer set that grows by rounds adds that round's images there."""
+    into): a transfer set that grows by rounds adds that round's images there.
+
+    `settings.channels_last` and `settings.compile_mode` hold for the whole of it (step_speed.fast_steps)."""
+    with fast_steps(method, settings):
+        return fit_stages(method, train_loader, test_loader, stages, optim_cfg, sched_cfg, lr, settings, progress,
+                          on_epoch, resume, loader_rng, on_stop, before_stage)
+
+
+def fit_stages(method: Method, train_loader, test_loader, stages: list[Stage], optim_cfg, sched_cfg, lr: float,
+               settings: TrainSettings, progress, on_epoch, resume, loader_rng, on_stop, before_stage) -> list[dict]:
     rows: list[dict] = []
     epoch = step = 0
     scaler = torch.amp.GradScaler(settings.device.type, enabled=settings.precision == "fp16")
@@ -239,17 +213,7 @@ def fit(method: Method, train_loader, test_loader, stages: list[Stage], optim_cf
             sums = partial_lr = None
             train_seconds = time.perf_counter() - started
             step += stats.pop("steps")
-            row = {"stage": stage.name, "epoch": epoch, "lr": lr_now, **stats}
-            models = method.eval_models()
-            first = next(iter(models))
-            test_loss, test_acc, class_acc = evaluate_classes(models[first], test_loader, settings)
-            evals = {first: (test_loss, test_acc)}
-            evals.update({name: evaluate(model, test_loader, settings) for name, model in models.items()
-                          if name != first})
-            row["test_loss"], row["test_acc"] = test_loss, test_acc
-            if len(evals) > 1:
-                row.update({f"test_acc_{name}": acc for name, (_, acc) in evals.items()})
-            row.update(class_columns(class_acc))
+            row = epoch_row(method, stats, stage.name, epoch, lr_now, test_loader, settings)
             row["epoch_s"] = time.perf_counter() - started
             row["images_per_s"] = train_loader.num_samples / train_seconds
             rows.append(row)
@@ -257,6 +221,23 @@ def fit(method: Method, train_loader, test_loader, stages: list[Stage], optim_cf
             if on_epoch:
                 on_epoch(row, state(epoch, stage_epoch))
     return rows
+
+
+def epoch_row(method: Method, stats: dict, stage: str, epoch: int, lr_now: float, test_loader,
+              settings: TrainSettings) -> dict:
+    """An epoch's metrics row: its training figures, then every evaluated model's test figures."""
+    row = {"stage": stage, "epoch": epoch, "lr": lr_now, **stats}
+    models = method.eval_models()
+    first = next(iter(models))
+    test_loss, test_acc, class_acc = evaluate_classes(models[first], test_loader, settings)
+    evals = {first: (test_loss, test_acc)}
+    evals.update({name: evaluate(model, test_loader, settings) for name, model in models.items()
+                  if name != first})
+    row["test_loss"], row["test_acc"] = test_loss, test_acc
+    if len(evals) > 1:
+        row.update({f"test_acc_{name}": acc for name, (_, acc) in evals.items()})
+    row.update(class_columns(class_acc))
+    return row
 
 
 def replay_epochs(method: Method, stage: Stage, epoch: int, epochs: int, begin: bool = True) -> int:

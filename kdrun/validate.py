@@ -6,6 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun.errors import ConfigError
 from kdrun.run_dir import resume_mode
+from kdrun.step_speed import check_speed_keys
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -24,7 +25,7 @@ def _number(cfg, key: str):
 
 def check_config(cfg: DictConfig, needs_teacher: bool) -> None:
     """Value checks that need no data or models."""
-    for key in ("epochs", "batch_size", "eval_batch_size"):
+    for key in ("epochs", "batch_size"):
         value = _number(cfg, key)
         _require(isinstance(value, int) and value >= 1, key, value, "must be an integer >= 1")
     seed = _number(cfg, "seed")
@@ -49,6 +50,7 @@ def check_config(cfg: DictConfig, needs_teacher: bool) -> None:
         _require(teacher_lr is not None and teacher_lr > 0, "teacher.lr", teacher_lr, "must be > 0")
     _require(cfg.precision in PRECISIONS, "precision", cfg.precision, f"one of {', '.join(PRECISIONS)}")
     resume_mode(cfg)  # auto, never or a run directory
+    check_speed_keys(cfg)  # eval_batch_size, channels_last, tf32, compile
 
 
 def resolve_device(name: str, precision: str = "fp32") -> torch.device:

@@ -261,7 +261,8 @@ def test_tfkd_self_teacher_is_the_students_model_with_the_teachers_controls():
     teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
     assert teacher == {"name": "resnet14", "residual": False, "checkpoint": None, "epochs": 3,
                        "lr": cfg.optim.lr, "seed": 7, "snapshot_epoch": None,
-                       "keep_snapshots": True, "access": "full", "query_budget": None}
+                       "keep_snapshots": True, "access": "full", "query_budget": None, "cache_outputs": "auto",
+                       "cache_dtype": "auto", "cache_max_gb": 2.0, "cache_features": False}
 
 
 # ----- defaults and end-to-end runs -----------------------------------------------------------------------

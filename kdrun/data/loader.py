@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import torch
 
-from kdrun.data.augment import normalize, random_crop, random_hflip
+from kdrun.data.augment import crop_at, crop_offsets, flip_draws, flip_where, normalize
 from kdrun.data.imagefolder import FolderData, FolderLoader, augmentation_label, make_folder_loaders
 from kdrun.data.registry import ImageData
+from kdrun.speed.views import view_count, view_ids
+
+RECENT_BATCHES = 4  # batches whose draws a loader keeps: a step may look its batch's views up after a prefetch
 
 
 class TensorLoader:
     """Shuffled (train) or ordered (test) batches of a uint8 tensor dataset (or of float32 feature vectors,
     N x D x 1 x 1, taken as they are), augmented on its device.
 
-    Reproducible: the shuffling and augmentation draw from one generator seeded by `seed`.
+    Reproducible: the shuffling and augmentation draw from one generator seeded by `seed`. A training loader
+    keeps the draws of its last few batches, so `views_of(index)` gives each image's view id (kdrun/speed/views.py)
+    for the batch whose indices are `index`: the teacher-output cache looks its logits up by them.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean, std,
@@ -34,6 +40,7 @@ class TensorLoader:
         self.std = torch.tensor(std, device=self.device).view(1, channels, 1, 1)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self._draws: deque = deque(maxlen=RECENT_BATCHES)  # (index, crop offsets, flips) per recent batch
 
     @property
     def num_samples(self) -> int:
@@ -42,6 +49,27 @@ class TensorLoader:
     @property
     def augmentation(self) -> str:
         return augmentation_label(False, self.crop_padding, self.hflip)
+
+    @property
+    def view_count(self) -> int:
+        """How many distinct views of an image the augmentation can give (1: none)."""
+        return view_count(self.crop_padding, self.hflip)
+
+    def views_of(self, index: torch.Tensor) -> torch.Tensor:
+        """The view id of each image of the batch this loader yielded with `index` (that very tensor)."""
+        for batch, offsets, flips in reversed(self._draws):
+            if batch is index:
+                return view_ids(offsets, flips, self.crop_padding, self.hflip, len(index), self.device)
+        raise RuntimeError("the teacher-output cache looks up a batch's views by the index tensor its loader "
+                           "yielded; this batch's index is not one of the loader's last batches (was it copied "
+                           "or made by another loader?)")
+
+    def normalized(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's input for these (augmented) images: uint8 -> (x / 255 - mean) / std; float features
+        (N x D x 1 x 1) have no [0, 255] scale to undo."""
+        if images.is_floating_point():
+            return (images - self.mean) / self.std
+        return normalize(images, self.mean, self.std)
 
     def __len__(self) -> int:
         n = self.num_samples / self.batch_size
@@ -56,14 +84,16 @@ class TensorLoader:
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]
             images = self.images[index]
+            offsets = flips = None
             if self.crop_padding:
-                images = random_crop(images, self.crop_padding, self.generator)
+                offsets = crop_offsets(len(index), self.crop_padding, self.device, self.generator)
+                images = crop_at(images, offsets, self.crop_padding)
             if self.hflip:
-                images = random_hflip(images, self.generator)
-            if images.is_floating_point():  # float features (N x D x 1 x 1): no [0, 255] scale to undo
-                yield (images - self.mean) / self.std, self.labels[index], index
-            else:
-                yield normalize(images, self.mean, self.std), self.labels[index], index
+                flips = flip_draws(len(index), self.device, self.generator)
+                images = flip_where(images, flips)
+            if self.train:
+                self._draws.append((index, offsets, flips))
+            yield self.normalized(images), self.labels[index], index
 
 
 def make_loaders(data: ImageData | FolderData, batch_size: int, device, seed: int,

@@ -110,6 +110,8 @@ class Method(nn.Module):
         self.kd_divergence = "kl"  # the kd term's divergence: kl (Hinton), or js (SSLD's, under transfer=label_free)
         self.teacher_queries = 0   # images the online teacher was run on (teacher.access=full)
         self._answers: tuple[torch.Tensor | None] = (None,)  # a black box's stored answers, by transfer index
+        self._output_cache: tuple = (None,)  # the teacher's logits per (image, view), kdrun/speed/teacher_cache.py
+        self._given: tuple | None = None  # this step's teacher outputs, computed once for a fused group (kdrun/fused)
         self.train_mode_hooks: list = []  # called with the method after every train()/eval() (a transfer set
                                           # that keeps the student's BN layers in eval mode, say)
 
@@ -276,12 +278,30 @@ class Method(nn.Module):
         instead of running the teacher: the method then sees neither its module nor its features."""
         self._answers = (logits,)
 
+    def use_teacher_output_cache(self, cache) -> None:
+        """Look the teacher's logits up in a cache of every (image, view) (`cache.lookup(index)`) instead of
+        running it: for a method whose teacher use is the logits of the loader's batch alone."""
+        self._output_cache = (cache,)
+
+    def use_given_teacher_outputs(self, logits: torch.Tensor | None, feats: dict[str, torch.Tensor],
+                                  queries: int, images: torch.Tensor) -> None:
+        """The next `run_teacher`, when it is asked about this very `images` tensor, returns these outputs (the
+        teacher's, computed once for a group of fused students) instead of computing them, and counts `queries`
+        images as if it had; asked about other images (a method's own augmented view), it runs as ever."""
+        self._given = (logits, feats, queries, images)
+
     def run_teacher(self, images: torch.Tensor, index: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Teacher forward in eval mode under inference_mode; outputs are cloned into normal tensors so the
-        student's loss may save them for backward. With a black box's stored answers, those of `index`."""
+        student's loss may save them for backward. With a black box's stored answers, those of `index`; with
+        the teacher-output cache, the stored logits of `index` at the views the loader drew for them."""
+        given, self._given = self._given, None
         if not self.uses_teacher_outputs():
             return None, {}
+        if given is not None and given[3] is images:
+            self.teacher_queries += given[2]
+            logits, feats = given[0], given[1]
+            return (None if logits is None else logits.clone()), {k: v.clone() for k, v in feats.items()}
         answers = self._answers[0]
         if answers is None and getattr(self, "_black_box", False):
             raise RuntimeError(f"{type(self).__name__}: the teacher is a black box and no stored answers are set")
@@ -289,6 +309,11 @@ class Method(nn.Module):
             if index is None:
                 raise RuntimeError(f"{type(self).__name__}: a black box's answers are looked up by the batch's indices")
             return answers[index].clone(), {}
+        cache = self._output_cache[0]
+        if cache is not None:
+            if index is None:
+                raise RuntimeError(f"{type(self).__name__}: the teacher-output cache is looked up by the batch's indices")
+            return cache.lookup(index), {}
         with torch.inference_mode():
             logits, feats = self._teacher_tap(images)
         self.teacher_queries += images.shape[0]

@@ -81,6 +81,7 @@ class ActiveMixupSet(TransferSet):
 
     cuttable = False
     labels_up_front = False  # asked round by round
+    fixed_images = False  # each round adds mixups chosen by the student as it is
 
     def planned_queries(self) -> int:
         return len(self.pool) + self.rounds * self.per_round

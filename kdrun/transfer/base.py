@@ -49,6 +49,9 @@ class TransferSet:
 
     cuttable = True  # a query budget may cut it to a random subset (not a selection, not rounds)
     labels_up_front = True  # a black box labels the whole set before training (active mixup asks by rounds)
+    # The student's images stay the same from its first step to its last (the teacher-output cache stores the
+    # teacher's logits for each of them); not for sets that grow or change while the student trains.
+    fixed_images = True
 
     def cache_name(self, cfg, teacher_sha256: str) -> str | None:
         """The folder under `<results_dir>/transfer_sets/` caching the option's teacher work (None: none)."""

@@ -53,6 +53,10 @@ class SyntheticSet(TransferSet):
 
     cuttable = False
 
+    @property
+    def fixed_images(self) -> bool:
+        return not self.competition  # ADI's rounds add images made against the student as it trains
+
     # ----- the contract -------------------------------------------------------------------------------
     def check_method(self, cfg, method) -> None:
         teacher = method.teacher
