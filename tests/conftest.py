@@ -60,3 +60,15 @@ def method_defaults(name: str, teacher: str = "resnet26", student: str = "resnet
 
     cfg = compose_config(f"method={name}", f"teacher={teacher}", f"student={student}")
     return OmegaConf.to_container(cfg.method, resolve=True)
+
+
+@pytest.fixture(scope="session")
+def vgg13_teacher(tmp_path_factory):
+    """Saved random vgg13 weights for digits (1 channel, 10 classes), for the cross-family runs (vgg13 ->
+    mobilenetv2) of the method tests: training teachers is tested elsewhere."""
+    from kdrun.models import create_model
+
+    path = tmp_path_factory.mktemp("teachers") / "vgg13.pt"
+    torch.manual_seed(0)
+    torch.save({"model": create_model("vgg13", 10, 1).state_dict()}, path)
+    return path

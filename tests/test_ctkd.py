@@ -20,7 +20,6 @@ from kdrun.experiment import prepare
 from kdrun.methods.base import Forward, Stage
 from kdrun.methods.ctkd import ctkd_instance_loss, ctkd_loss
 from kdrun.methods.ctkd_temperature import GlobalTemperature, InstanceTemperature, cosine_decay, linear_decay
-from kdrun.models import create_model
 
 
 # ----- official transcriptions ----------------------------------------------------------------------------
@@ -305,14 +304,6 @@ def test_a_digits_run_with_the_global_temperature_trains_and_logs_it(kdrun):
     code, (record,) = kdrun("method=ctkd")
     assert code == 0
     assert_temperature_logged(record)
-
-
-@pytest.fixture(scope="module")
-def vgg13_teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teachers") / "vgg13.pt"
-    torch.manual_seed(0)
-    torch.save({"model": create_model("vgg13", 10, 1).state_dict()}, path)
-    return path
 
 
 def test_vgg13_teaches_mobilenetv2_on_digits_with_instance_temperatures(tmp_path, vgg13_teacher):

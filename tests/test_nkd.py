@@ -13,7 +13,6 @@ from kdrun.experiment import prepare
 from kdrun.methods.base import Forward
 from kdrun.methods.logit_standardization import standardize_logits
 from kdrun.methods.nkd import NKD, nkd_loss
-from kdrun.models import create_model
 from kdrun.teacher_access import as_logits
 
 
@@ -134,18 +133,9 @@ def test_a_digits_run_distils(kdrun):
     assert code == 0 and record["status"] == "completed" and record["method"] == "nkd"
 
 
-@pytest.fixture(scope="module")
-def vgg13_checkpoint(tmp_path_factory):
-    """A saved random vgg13 for digits (1 channel, 10 classes): training teachers is tested elsewhere."""
-    path = tmp_path_factory.mktemp("teachers") / "vgg13.pt"
-    torch.manual_seed(0)
-    torch.save({"model": create_model("vgg13", 10, 1).state_dict()}, path)
-    return path
-
-
-def test_vgg13_teaches_mobilenetv2(tmp_path, vgg13_checkpoint):
+def test_vgg13_teaches_mobilenetv2(tmp_path, vgg13_teacher):
     code = run_cli("epochs=1", "batch_size=128", f"results_dir={tmp_path}", "teacher=vgg13", "student=mobilenetv2",
-                   f"teacher.checkpoint={vgg13_checkpoint}", "method=nkd", "optim.lr=0.01")
+                   f"teacher.checkpoint={vgg13_teacher}", "method=nkd", "optim.lr=0.01")
     (record,) = results_under(tmp_path)
     assert code == 0 and record["status"] == "completed"
     assert (record["teacher"], record["student"]) == ("vgg13", "mobilenetv2")

@@ -222,15 +222,6 @@ def test_digits_run_resnet26_teaches_resnet8(kdrun):
     assert float(last_row(records[0])["loss_reviewkd"]) > 0
 
 
-@pytest.fixture(scope="module")
-def vgg13_teacher(tmp_path_factory):
-    """Saved random vgg13 weights (digits: 1 channel, 10 classes): training teachers is tested elsewhere."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teachers") / "vgg13.pt"
-    torch.save({"model": create_model("vgg13", 10, 1).state_dict()}, path)
-    return path
-
-
 def test_vgg13_teaches_mobilenetv2(tmp_path, vgg13_teacher):
     code = run_cli("epochs=1", "batch_size=128", f"results_dir={tmp_path}", "teacher=vgg13", "student=mobilenetv2",
                    f"teacher.checkpoint={vgg13_teacher}", "method=reviewkd", "optim.lr=0.01")

@@ -173,15 +173,6 @@ def test_cli_run_on_digits(kdrun, name, access):
     assert code == 0 and record["status"] == "completed"
 
 
-@pytest.fixture(scope="module")
-def vgg13_teacher(tmp_path_factory):
-    """Saved random teacher weights (digits: 1 input channel, 10 classes)."""
-    path = tmp_path_factory.mktemp("teachers") / "vgg13.pt"
-    torch.manual_seed(0)
-    torch.save({"model": create_model("vgg13", CLASSES, 1).state_dict()}, path)
-    return path
-
-
 def test_wttm_vgg13_teaches_mobilenetv2(tmp_path, vgg13_teacher):
     code = run_cli("epochs=1", "batch_size=128", f"results_dir={tmp_path}", "teacher=vgg13", "student=mobilenetv2",
                    f"teacher.checkpoint={vgg13_teacher}", "method=wttm", "optim.lr=0.01")

@@ -81,6 +81,7 @@ class Method(nn.Module):
     # The logit-distillation terms whose weight `method.logit_standardize=true` sets to `method.ls_weight` (kd's
     # `kd`, dkd's `dkd`, ...); a method without any refuses the modifier. See logit_standardization.py.
     ls_terms: ClassVar[tuple[str, ...]] = ()
+    ls_refusal: ClassVar[str] = ""  # why a method with logits to distil still refuses it (TTM: no student temperature)
 
     def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None, num_classes: int):
         super().__init__()
@@ -132,8 +133,9 @@ class Method(nn.Module):
             from kdrun.methods import METHODS  # the registry imports this module
 
             allowed = sorted(n for n in METHODS.names() if METHODS.get(n).ls_terms)
-            raise ConfigError(f"method.logit_standardize=true is not allowed with method={name}: it standardizes "
-                              f"the logits of a logit-distillation term; methods with one: {', '.join(allowed)}")
+            why = self.ls_refusal or "it standardizes the logits of a logit-distillation term"
+            raise ConfigError(f"method.logit_standardize=true is not allowed with method={name}: {why}; methods "
+                              f"that take it: {', '.join(allowed)}")
         from kdrun.methods.common import config_number
 
         self.T = config_number(cfg, "base_T", 2.0, strict=True)

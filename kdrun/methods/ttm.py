@@ -56,6 +56,8 @@ class TTM(Method):
     turns TTM back into KD, the variant it was made to drop."""
 
     official_code = "zkxufo/TTM distiller_zoo/ttm.py (p_t^gamma computed in log space: no float32 underflow)"
+    ls_refusal = ("its student has no temperature: its z-scored logits would stay at spread 1 against the "
+                  "teacher's spread gamma, a divergence even for a perfect student")
     teacher_access = "probabilities"  # the teacher's softmax only: log p_T serves as its logits
     term_names = ("ttm",)
     default_gamma: ClassVar[float] = 0.1  # the README's TTM command (vgg13 -> vgg8)
