@@ -12,8 +12,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 from rich.markup import escape
 
+from kdrun import distributed
 from kdrun.errors import ConfigError, OutputError, RunError
-from kdrun.experiment import base_record, config_hash, configure, run
+from kdrun.experiment import base_record, config_hash, configure
+from kdrun.run_one import run
 from kdrun.interrupt import Interrupted, stop_requested
 from kdrun.interrupt import request as request_stop
 from kdrun.progress import console, print_error
@@ -35,6 +37,7 @@ def experiment_job(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         try:
+            join_processes(cfg)
             run(cfg)
         except ConfigError as exc:
             print_error("kdrun: error:", exc)
@@ -48,13 +51,34 @@ def experiment_job(cfg: DictConfig) -> None:
         except (Interrupted, KeyboardInterrupt) as exc:
             print_error("kdrun: interrupted:", str(exc) or "Ctrl-C")
             sys.exit(interrupted_exit_code())
+        finally:
+            distributed.close()
         return
     sweep_job(cfg, hydra_cfg)
+
+
+def join_processes(cfg: DictConfig) -> None:
+    """Under torchrun (or several SLURM tasks), join the others; only rank 0 prints, as only it writes."""
+    try:
+        world = distributed.setup(cfg.get("ddp") or {}, str(cfg.device))
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"could not join the other processes of this run (torch.distributed: "
+                          f"{' '.join(str(exc).split())[:200]})") from None
+    if world is not None and world.rank != 0:
+        console.quiet = True
 
 
 def sweep_job(cfg: DictConfig, hydra_cfg) -> None:
     """A sweep job: its directory is Hydra's; completed twins are skipped, killed twins resumed; a failure
     is recorded, not raised; each job reports its outcome for the sweep's summary."""
+    try:
+        join_processes(cfg)  # the SLURM launcher with several tasks per job: one run over the job's tasks
+        sweep_job_alone(cfg, hydra_cfg)
+    finally:
+        distributed.close()
+
+
+def sweep_job_alone(cfg: DictConfig, hydra_cfg) -> None:
     job_dir = Path(hydra_cfg.runtime.output_dir)
     num = hydra_cfg.job.num
     report = JobReport(Path(hydra_cfg.sweep.dir), num, list(hydra_cfg.overrides.task))

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kdrun import distributed
 from kdrun.errors import ConfigError, DamagedFile, OutputError
 
 HASH_SUFFIX = ".sha256"
@@ -27,7 +28,10 @@ HOST = socket.gethostname().replace(".", "_")
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a temp file beside `path`, then rename it over `path`: readers see the old file or
     the new one, never half of one. The temp file's name holds host and pid, so a later write can tell
-    the leftovers of a killed process (`remove_stale_temp_files`) from another live writer's."""
+    the leftovers of a killed process (`remove_stale_temp_files`) from another live writer's.
+    Over several processes (torchrun) only rank 0 writes: the others' writes would be the same files again."""
+    if not distributed.is_main():
+        return
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

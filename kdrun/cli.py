@@ -47,7 +47,13 @@ def dispatch(argv: list[str]) -> None:
 
 def check_flag_combination(argv: list[str]) -> None:
     """Hydra answers `-m --cfg job` with a traceback; say what works instead."""
+    from kdrun.distributed import launched_world_size
+
     multirun = any(a in ("-m", "--multirun") for a in argv)
+    processes = launched_world_size()
+    if multirun and processes > 1:
+        raise ConfigError(f"a sweep (-m) cannot run under torchrun ({processes} processes): start each job with "
+                          "torchrun, or give the SLURM launcher several tasks per job (README: Scaling out)")
     shows = [a for a in argv if a in ("-c", "--cfg", "-i", "--info")]
     if multirun and shows:
         raise ConfigError(f"{shows[0]} cannot be combined with -m/--multirun: drop -m and give one value per key "

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdrun import distributed
 from kdrun.step_speed import in_channels_last
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,9 +62,12 @@ def evaluate_classes(model: nn.Module, loader, settings: TrainSettings) -> tuple
         per_class += torch.bincount(labels[hits], minlength=k)
         per_count += torch.bincount(labels, minlength=k)
     model.train(was_training)
+    total_loss = loss_sum.total()
+    if getattr(loader, "sharded", False):  # each process evaluated its share of every batch (DDP)
+        distributed.sum_over_processes(total_loss, correct, per_class, per_count)
     n = loader.num_samples
     classes = [100.0 * c / m if m else None for c, m in zip(per_class.tolist(), per_count.tolist())]
-    return loss_sum.total().item() / n, 100.0 * correct.item() / n, classes
+    return total_loss.item() / n, 100.0 * correct.item() / n, classes
 
 
 class BlockedLossSum:

@@ -11,23 +11,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from kdrun import distributed
 from kdrun.compress import check_compression, compress_student, finish_student
 from kdrun.chain import assistant_names, build_assistants, check_chain, resolve_chain, root_identity
 from kdrun.checkpoint import atomic_write_text, load_checkpoint, load_weights, save_checkpoint
 from kdrun.data import ImageData, load_dataset
+from kdrun.distributed import check_ddp_config, check_shares
 from kdrun.errors import ConfigError, RunError
-from kdrun.interrupt import Interrupted, check_stop, stop_on_signals
+from kdrun.interrupt import Interrupted, check_stop
 from kdrun.methods import METHODS, Method
 from kdrun.models import create_model
-from kdrun.progress import RunProgress, console, print_error, print_summary
+from kdrun.progress import RunProgress, console, print_error
 from kdrun.results import METRICS_FILE, RESULT_FILE, read_result, write_metrics, write_result
 from kdrun.resume import DamagedCheckpoint, restore_training, training_state
-from kdrun.run_dir import RunLock, choose_run_dir
-from kdrun.run_record import after_training, base_record, config_hash, default_run_dir, outcome_of, summarise
+from kdrun.run_record import after_training, base_record, config_hash, outcome_of, summarise  # noqa: F401 (config_hash: kdrun.experiment.config_hash for app and tests)
 from kdrun.speed.cache_policy import CachePlan, plan_teacher_cache
 from kdrun.speed.teacher_cache import attach_teacher_cache
 from kdrun.step_speed import apply_tf32, resolve_eval_batch_size, step_settings
-from kdrun.storage import check_output_space
 from kdrun.teachers import check_snapshot_epoch, model_options_of, resolve_teacher
 from kdrun.train import TrainSettings, evaluate, fit
 from kdrun.transfer import TransferSet, build_transfer, check_transfer_method
@@ -64,7 +64,8 @@ def prepare(cfg: DictConfig) -> Plan:
     """Everything that can refuse the run, before anything is written."""
     method_cls = configure(cfg)
     check_config(cfg, method_cls.needs_teacher)
-    device = resolve_device(cfg.device, cfg.precision)
+    device = distributed.device_for(resolve_device(cfg.device, cfg.precision))  # a GPU per process under torchrun
+    check_ddp_config(cfg, method_cls, device)
     resolve_eval_batch_size(cfg, device)  # auto: 64 on the CPU, 512 on CUDA
     data = load_dataset(cfg.dataset)
     transfer = build_transfer(cfg, data)
@@ -97,6 +98,9 @@ def prepare(cfg: DictConfig) -> Plan:
     train_loader = method.wrap_train_loader(student_loader)  # may refuse (e.g. a loader it cannot pair)
     settings = TrainSettings(device, cfg.precision, **step_settings(cfg))  # compile, channels_last
     teacher_cache = plan_teacher_cache(cfg, data, transfer, method, student_loader, train_loader, settings)
+    if distributed.active():  # each process trains and evaluates on its share of every batch
+        check_shares(cfg, student_loader.num_samples)
+        train_loader, test_loader = distributed.shard(train_loader), distributed.shard(test_loader)
     return Plan(cfg, data, method, settings, train_loader, test_loader, loader_rng, teacher, assistants, transfer,
                 student_loader, teacher_cache)
 
@@ -147,20 +151,26 @@ class Execution:
         self.earlier_wall_s = 0.0
         self.transfer_run = None
         self.point = None
+        self.queries_counted = 0
 
     def start(self) -> None:
         plan, run_dir, record = self.plan, self.run_dir, self.record
         cfg, data, method, settings = plan.cfg, plan.data, plan.method, plan.settings
         teacher_data = plan.transfer.teacher_data
         if plan.teacher is not None:
-            teacher = resolve_teacher(cfg, plan.teacher, teacher_data, settings)
+            with distributed.main_first():  # rank 0 trains and stores a missing teacher; the others then load it
+                teacher = resolve_teacher(cfg, plan.teacher, teacher_data, settings)
             record.update(teacher_acc=teacher.accuracy, teacher_source=teacher.source, teacher_sha256=teacher.sha256)
             check_same_teacher(self.previous, teacher.sha256)
             if plan.assistants:
-                record["chain"] = resolve_chain(cfg, type(method), plan.teacher, root_identity(cfg, teacher.sha256),
-                                                plan.assistants, teacher_data, settings)
+                with distributed.main_first():
+                    record["chain"] = resolve_chain(cfg, type(method), plan.teacher,
+                                                    root_identity(cfg, teacher.sha256), plan.assistants,
+                                                    teacher_data, settings)
             write_result(run_dir / RESULT_FILE, record)
         method = self.method = compress(plan, record)  # a quantized or pruned student, or one started from the teacher
+        if distributed.active() and cfg.ddp.sync_bn:
+            distributed.use_sync_batchnorm(method)
         if plan.teacher is not None:
             self.transfer_run = TransferRun(cfg, plan.transfer, method, plan.student_loader,
                                             teacher_client(cfg, plan.teacher, data, settings), run_dir, settings,
@@ -180,7 +190,7 @@ class Execution:
                 if self.rows:
                     write_metrics(run_dir / METRICS_FILE, self.rows)  # drop a row written after the checkpoint
                 record["resumed_after_epoch"] = self.point.epoch
-                method.teacher_queries = restored.teacher_queries
+                method.teacher_queries = self.queries_counted = restored.teacher_queries
                 console.print(f"resuming {run_dir} {describe_point(self.point)}", highlight=False, soft_wrap=True)
         self.stages = plan.transfer.stages(method.stages(cfg.epochs), cfg.epochs)
         self.before_stage = plan.transfer.stage_hook(self.transfer_run)
@@ -198,6 +208,9 @@ class Execution:
                                                                        plan.settings.device))
 
     def on_epoch(self, row: dict, state: dict) -> None:
+        method = self.method  # over several processes, the images each one's teacher saw are counted together
+        method.teacher_queries = self.queries_counted = distributed.count_over_processes(method.teacher_queries,
+                                                                                         self.queries_counted)
         if self.transfer_run is not None:
             row["teacher_queries"] = self.transfer_run.queries + self.method.teacher_queries
             self.plan.transfer.annotate(row)
@@ -209,7 +222,8 @@ class Execution:
         plan, cfg = self.plan, self.plan.cfg
         fit(self.method, plan.train_loader, plan.test_loader, self.stages, cfg.optim, cfg.sched,
             cfg.optim.lr, plan.settings, progress, self.on_epoch, resume=self.point, loader_rng=plan.loader_rng,
-            on_stop=self.save_state, before_stage=self.before_stage)
+            # over several processes a stop mid-epoch resumes from the last epoch: the others' sums are gone
+            on_stop=None if distributed.active() else self.save_state, before_stage=self.before_stage)
 
     def finish(self) -> None:
         plan, cfg, record, method = self.plan, self.plan.cfg, self.record, self.method
@@ -278,31 +292,3 @@ def describe_point(point) -> str:
     if point.partial is not None:
         return f"in epoch {point.epoch + 1}, after step {point.partial['sums']['batches']} of it"
     return f"after epoch {point.epoch}"
-
-
-def run(cfg: DictConfig, run_dir: Path | None = None, search: bool = False, on_target=None) -> dict:
-    """Prepare (may refuse), choose the run directory (a new one, or an incomplete twin to resume), then
-    execute there. `run_dir`: a directory given by a sweep; `search`: an incomplete twin elsewhere below
-    results_dir may be resumed instead (sweep jobs); `on_target(path)` hears which directory was chosen.
-    SIGTERM and SIGINT stop the run cleanly from the start of `prepare` on."""
-    with stop_on_signals():
-        return run_with_handlers(cfg, run_dir, search, on_target)
-
-
-def run_with_handlers(cfg: DictConfig, run_dir: Path | None, search: bool, on_target) -> dict:
-    plan = prepare(cfg)
-    explicit = Path(run_dir) if run_dir else (Path(cfg.run_dir) if cfg.get("run_dir") else None)
-    target = choose_run_dir(cfg, config_hash(cfg), explicit, lambda: default_run_dir(cfg), search)
-    if on_target is not None:
-        on_target(target.path)
-    if target.completed is not None:
-        console.print(f"{target.path} already holds this configuration, completed; left alone", highlight=False,
-                      soft_wrap=True)
-        print_summary(target.completed)
-        return target.completed
-    check_same_device(target, plan.settings.device)
-    check_output_space(cfg, plan, target.path)
-    with RunLock(target.path):
-        record = execute(plan, target.path, resume=target.resume)
-    print_summary(record)
-    return record

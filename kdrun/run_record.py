@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun import distributed
 from kdrun.errors import ConfigError, OutputError
 from kdrun.interrupt import Interrupted, stop_requested
 from kdrun.compress.options import COMPRESS_DEFAULTS, COMPRESS_KEYS
@@ -35,6 +36,7 @@ def config_hash(cfg: DictConfig) -> str:
     for key in ("results_dir", "run_dir", "device", "skip_completed", "resume", "compare_metric"):
         container.pop(key, None)
     hash_as_before(cfg, container)  # compile, channels_last, tf32 and eval_batch_size=auto (step_speed.py)
+    hash_processes(container)  # a single-process run hashes as before the ddp keys
     # The defaults of the transfer group and of teacher access leave the hash of earlier runs as it was.
     if container.get("transfer") == DEFAULT_TRANSFER:
         container.pop("transfer")
@@ -51,6 +53,16 @@ def config_hash(cfg: DictConfig) -> str:
         if key in student and student[key] == default:
             student.pop(key)
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def hash_processes(container: dict) -> None:
+    """How many processes share a run counts (their batch norms see shares of a batch), and ddp.sync_bn
+    when they do; the waiting time and the backend never do."""
+    ddp = container.pop("ddp", None) or {}
+    size = distributed.world().size if distributed.active() else 1
+    if size > 1:
+        container["world_size"] = size
+        container["ddp.sync_bn"] = bool(ddp.get("sync_bn"))
 
 
 def default_run_dir(cfg: DictConfig) -> Path:
@@ -99,10 +111,17 @@ def base_record(cfg: DictConfig, run_dir: Path, device: str) -> dict:
         "best_acc": None, "best_epoch": None, "last_acc": None, "wall_s": None, "device": device,
         "config_hash": config_hash(cfg), "run_dir": str(run_dir), "host": socket.gethostname(), "pid": os.getpid(),
         "compare_metric": cfg.get("compare_metric", "best_acc"),  # the statistic `kdrun compare` shows by default
-        **compression_keys(cfg.student), **speed_record(cfg),
+        **compression_keys(cfg.student), **speed_record(cfg), **processes_record(cfg),
         **({"teacher.access": str(cfg.teacher.get("access", "full")),
             "teacher.query_budget": cfg.teacher.get("query_budget")} if uses_teacher else {}),
     }
+
+
+def processes_record(cfg: DictConfig) -> dict:
+    """result.json keys of a run over several processes (a single-process record is as before)."""
+    if not distributed.active():
+        return {}
+    return {"world_size": distributed.world().size, "ddp.sync_bn": bool(cfg.get("ddp", {}).get("sync_bn"))}
 
 
 def outcome_of(exc: BaseException, rows: list[dict]) -> dict:

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
+from kdrun import distributed
 from kdrun.epoch_state import EpochInterrupted, EpochSums, ResumePoint
 # CLASS_COLUMN, TrainSettings and evaluate are imported from here by the rest of kdrun too
 from kdrun.evaluation import CLASS_COLUMN, TrainSettings, autocast, class_columns, evaluate  # noqa: F401
@@ -54,18 +55,20 @@ class FiniteGuard:
 
 def train_epoch(method: Method, loader, optimizer, scheduler, settings: TrainSettings, scaler,
                 epoch: int, first_step: int, on_step: Callable[[], None] | None = None,
-                sums: EpochSums | None = None) -> dict:
+                sums: EpochSums | None = None, step_module=None) -> dict:
     """One pass over the loader; returns the epoch's mean loss terms, total loss and accuracy.
 
     `sums`: the epoch was stopped midway before; its first `sums.batches` batches are drawn again (so the
     loader's generator advances as it did) but not trained on, and the sums go on from where they were.
-    A SIGTERM/SIGINT stops the epoch after the current step with EpochInterrupted, carrying the sums."""
-    run = EpochRun(method, optimizer, scheduler, settings, scaler, epoch, first_step, sums)
+    A SIGTERM/SIGINT stops the epoch after the current step with EpochInterrupted, carrying the sums.
+    `step_module`: what the forward runs through (the method inside DDP, kdrun/distributed.py), else the method."""
+    run = EpochRun(method, optimizer, scheduler, settings, scaler, epoch, first_step, sums, step_module)
     skip = run.sums.batches
     for images, labels, index in loader:
         if skip:
             skip -= 1
             continue
+        method.grad_scale = getattr(loader, "grad_scale", 1.0)  # a process's share of the batch (DDP)
         run.step(images, labels, index)
         if on_step:
             on_step()
@@ -82,7 +85,9 @@ class EpochRun:
     (kdrun/fused) drives several over one loader, each step on the same batch."""
 
     def __init__(self, method: Method, optimizer, scheduler, settings: TrainSettings, scaler, epoch: int,
-                 first_step: int, sums: EpochSums | None = None):
+                 first_step: int, sums: EpochSums | None = None, step_module=None):
+        self.step_module = step_module or method
+        self.over_processes = step_module is not None  # the epoch's sums are summed over the processes
         self.method, self.optimizer, self.scheduler, self.settings, self.scaler = (method, optimizer, scheduler,
                                                                                    settings, scaler)
         self.epoch, self.first_step = epoch, first_step
@@ -98,7 +103,7 @@ class EpochRun:
         method, settings, sums, weights = self.method, self.settings, self.sums, self.weights
         begin_step(settings)
         with autocast(settings):
-            out = method(to_step_format(images, settings), labels, index)
+            out = self.step_module(to_step_format(images, settings), labels, index)
         if sums.names is None:
             names = list(out.terms)
             unweighted = [n for n in names if n not in weights]
@@ -127,6 +132,10 @@ class EpochRun:
     def finish(self) -> dict:
         guard, sums = self.guard, self.sums
         guard.check()
+        if self.over_processes:  # every process's share of the epoch: the sums one process would have
+            seen_count = torch.tensor(float(sums.seen), device=sums.total_sum.device)
+            distributed.sum_over_processes(sums.term_sums, sums.total_sum, sums.correct, sums.labelled, seen_count)
+            sums.seen = int(seen_count.item())
         seen = sums.seen
         stats = {f"loss_{n}": v / seen for n, v in zip(sums.names, sums.term_sums.tolist())}
         stats["train_loss"] = sums.total_sum.item() / seen
@@ -188,6 +197,8 @@ def fit_stages(method: Method, train_loader, test_loader, stages: list[Stage], o
                 partial_lr = resume.partial["lr"]
             resume = None
         progress.start_stage(stage.name, stage.epochs, len(train_loader), done)
+        # a sharded loader: this process's share of each batch, the method inside DDP (kdrun/distributed.py)
+        step_module = distributed.wrap_for_step(method) if getattr(train_loader, "sharded", False) else None
 
         def state(epochs_done: int, stage_epochs_done: int, **extra) -> dict:
             return {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
@@ -204,7 +215,7 @@ def fit_stages(method: Method, train_loader, test_loader, stages: list[Stage], o
             started = time.perf_counter()
             try:
                 stats = train_epoch(method, train_loader, optimizer, scheduler, settings, scaler, epoch, step,
-                                    progress.advance, sums)
+                                    progress.advance, sums, step_module)
             except EpochInterrupted as exc:
                 if on_stop is not None and loader_rng is not None:
                     on_stop(state(epoch - 1, stage_epoch - 1, partial={

@@ -5,6 +5,8 @@
     python tests/kill_at.py checkpoint=N ARGS...  die just after the N-th epoch checkpoint of any model was
                                                   written (between two epochs)
     python tests/kill_at.py sigterm=N ARGS...     send itself SIGTERM in the N-th step instead (a clean stop)
+
+Under torchrun, KILL_RANK=R makes only the process of that rank die; the others run as they would.
 """
 import os
 import signal
@@ -17,6 +19,11 @@ torch.set_num_threads(1)
 
 def main() -> None:
     point, *args = sys.argv[1:]
+    if os.environ.get("KILL_RANK") not in (None, os.environ.get("RANK")):
+        from kdrun.cli import main as kdrun_main
+
+        kdrun_main(args)
+        return
     kind, _, count = point.partition("=")
     target = int(count)
     calls = {"n": 0}

@@ -1,5 +1,5 @@
 """One fused group of sweep jobs, from Hydra's job setup to each job's report: what app.sweep_job and
-experiment.run do for one job, in phases, with the training of all of them in one fused loop."""
+run_one.run do for one job, in phases, with the training of all of them in one fused loop."""
 from __future__ import annotations
 
 import contextlib

@@ -82,6 +82,8 @@ class Method(nn.Module):
     # `kd`, dkd's `dkd`, ...); a method without any refuses the modifier. See logit_standardization.py.
     ls_terms: ClassVar[tuple[str, ...]] = ()
     ls_refusal: ClassVar[str] = ""  # why a method with logits to distil still refuses it (TTM: no student temperature)
+    ddp_refusal: ClassVar[str] = ""  # why it cannot train over several processes (kdrun/distributed.py), if it cannot
+    grad_scale: float = 1.0  # factor on the loss before backward: this process's share of a global batch (DDP)
 
     def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None, num_classes: int):
         super().__init__()
@@ -227,7 +229,7 @@ class Method(nn.Module):
             return dot_step(out, weights, optimizer, scaler, self.supervised_terms)
         total = sum(weights[n] * out.terms[n] for n in out.terms)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
+        scaler.scale(total * self.grad_scale if self.grad_scale != 1.0 else total).backward()
         scaler.step(optimizer)
         scaler.update()
         return total

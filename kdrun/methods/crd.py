@@ -150,6 +150,7 @@ class CRD(Method):
     draw repeats a negative, costing time without adding any, and the paper's 16384 was sized for
     CIFAR-100's 50k images, so refusing would make the default fail on every small dataset.
     """
+    ddp_refusal = "its memory banks are updated from each batch, and each process would update its own copy"
 
     official_code = "RepDistiller crd/criterion.py + crd/memory.py (memory banks on the device)"
     uses_labels = True  # a transfer set without labels refuses it

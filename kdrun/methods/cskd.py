@@ -84,6 +84,7 @@ class CSKD(Method):
     as its own forward pass, and the CE is on the first half only. Unlike the official sampler, which may
     pair a sample with itself, the partner is always another sample when its class has more than one.
     """
+    ddp_refusal = "its class-paired batches (2N images for N labels) cannot be split into shares"
 
     official_code = "alinlab/cs-kd train.py::KDLoss (class-paired batches drawn on the device)"
     uses_labels = True  # a transfer set without labels refuses it

@@ -27,6 +27,7 @@ class MLKD(Method):
     LS code, and gives the three terms `ls_weight` (its `--kd-weight` replaces KD_WEIGHT). A black-box
     teacher's stored answer for an image serves both of its views.
     """
+    ddp_refusal = "its strong views are built for the whole batch and handed to the step before it"
 
     official_code = ("Jin-Ying/Multi-Level-Logit-Distillation mdistiller/distillers/KD_ours.py (strong view: "
                      "its RandAugment + Cutout batched on the device)")

@@ -95,9 +95,14 @@ def not_exact_because(cfg, data, transfer, method, student_loader, train_loader)
     from kdrun.data import TensorLoader
     from kdrun.methods.base import Method
 
+    from kdrun import distributed
+
     name = cfg.method.name
     if method.teacher is None:
         return f"with method={name}, which uses no teacher"
+    if distributed.active():
+        return ("over several processes (torchrun): each process runs its frozen teacher on its share of a batch, "
+                "and the cache's lookup is by whole batches")
     access = str(cfg.teacher.get("access", "full"))
     if access != "full":
         return (f"with teacher.access={access}: a black box is asked once per transfer image and the student "

@@ -1,0 +1,248 @@
+"""One run over several processes (torchrun, or SLURM tasks): DistributedDataParallel around the student and
+its adapters, each process training on its share of every global batch.
+
+What a user can rely on:
+- `batch_size` is the global batch; each of N processes trains on its 1/N of it (contiguous slices of the batch a
+  single process would draw, augmentation included, so the data order is the single-process one).
+- Gradients are averaged so that a step equals the single-process step on the whole batch: a process's loss is
+  weighted by its share of the batch (the last batch of an epoch may split unevenly).
+- Losses, accuracies and test figures are reduced over the processes (sums of per-image terms and counts), so
+  metrics.csv is the file one process would write, to float rounding, when the models have no batch statistics
+  (or `ddp.sync_bn=true` on CUDA); a batch norm sees its process's share of the batch otherwise, as in every DDP.
+- Only rank 0 writes files (run directory, checkpoints, teacher cache); the others wait at a barrier while it
+  resolves or trains the teacher, then read it from the cache.
+
+Written here rather than taken from a library: the training loop is kdrun's own (stages, resume, metrics), and
+what it needs of torch.distributed is a few collectives around it."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kdrun.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    backend: str
+
+
+_world: World | None = None
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher started for this run (torchrun's WORLD_SIZE; 1 without one)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def export_slurm_environment() -> None:
+    """Several SLURM tasks of one job (the submitit launcher with tasks_per_node > 1): torch's variables from
+    SLURM's, through submitit's own helper."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1") or 1) <= 1:
+        return
+    if "SLURM_PROCID" not in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export()
+
+
+def setup(ddp_cfg, device_key: str) -> World | None:
+    """Join the process group when this process is one of several; None for a single-process run."""
+    global _world
+    if _world is not None:
+        return _world
+    export_slurm_environment()
+    size = launched_world_size()
+    if size <= 1:
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = str(device_key) != "cpu" and torch.cuda.is_available()
+    backend = ddp_cfg.get("backend") or "auto"
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    timeout = datetime.timedelta(minutes=float(ddp_cfg.get("timeout_min") or 720))
+    dist.init_process_group(backend=backend, timeout=timeout)
+    _world = World(dist.get_rank(), dist.get_world_size(), local_rank, backend)
+    return _world
+
+
+def world() -> World | None:
+    return _world
+
+
+def active() -> bool:
+    return _world is not None
+
+
+def is_main() -> bool:
+    """Rank 0, or a single-process run: the process that writes files and prints."""
+    return _world is None or _world.rank == 0
+
+
+def device_for(device: torch.device) -> torch.device:
+    """Each process of a CUDA run takes its own GPU (LOCAL_RANK), whatever `device` said."""
+    if _world is None or device.type != "cuda":
+        return device
+    return torch.device("cuda", _world.local_rank % torch.cuda.device_count())
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (it may train and store the teacher); the others run it once it is done,
+    finding what rank 0 stored."""
+    if _world is None:
+        yield
+        return
+    if _world.rank != 0:
+        dist.barrier()
+    yield
+    if _world.rank == 0:
+        dist.barrier()
+
+
+def from_main(value):
+    """Rank 0's `value` on every process (the run directory it chose, its resume decision)."""
+    if _world is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sum_over_processes(*tensors: torch.Tensor) -> None:
+    """Each tensor summed over the processes, in place."""
+    if _world is None:
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def count_over_processes(count: int, counted_before: int) -> int:
+    """A counter every process adds to on its own (images the teacher saw): `counted_before` (the total at the last
+    call, the same on all) plus what each process added since."""
+    if _world is None:
+        return count
+    on = torch.device("cuda", torch.cuda.current_device()) if _world.backend == "nccl" else torch.device("cpu")
+    added = torch.tensor(float(count - counted_before), dtype=torch.float64, device=on)
+    dist.all_reduce(added, op=dist.ReduceOp.SUM)
+    return counted_before + int(added.item())
+
+
+def close() -> None:
+    global _world
+    if _world is not None and dist.is_initialized():
+        dist.destroy_process_group()
+    _world = None
+
+
+class ShardedLoader:
+    """This process's share of each batch of `loader`: the same batches as one process draws, sliced into N
+    contiguous parts. `grad_scale` is the factor on this process's loss that makes DDP's average of the N
+    gradients the gradient of the whole batch's mean loss (N x its share of the batch)."""
+
+    sharded = True
+
+    def __init__(self, loader, rank: int, size: int):
+        self.loader, self.rank, self.size = loader, rank, size
+        self.grad_scale = 1.0
+
+    def __getattr__(self, name):  # num_samples, generator, labels, augmentation, ... of the whole loader
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels, index in self.loader:
+            n = labels.shape[0]
+            lo, hi = n * self.rank // self.size, n * (self.rank + 1) // self.size
+            self.grad_scale = self.size * (hi - lo) / n
+            yield images[lo:hi], labels[lo:hi], index[lo:hi]
+
+
+def shard(loader):
+    return loader if _world is None else ShardedLoader(loader, _world.rank, _world.size)
+
+
+def wrap_for_step(method: nn.Module) -> nn.Module:
+    """The method inside DistributedDataParallel: the student, its adapters and peers. The teacher is not among
+    the method's modules (base.Method hides it), so each process runs its frozen copy on its own share. Built per
+    stage: a stage may train other parameters. Unused parameters are allowed, since a stage or a schedule may
+    leave some of a method's modules out of a step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [method_device(method).index] if method_device(method).type == "cuda" else None
+    return DistributedDataParallel(method, device_ids=device_ids, find_unused_parameters=True,
+                                   gradient_as_bucket_view=True)
+
+
+def method_device(method: nn.Module) -> torch.device:
+    return next(method.parameters()).device
+
+
+def use_sync_batchnorm(method: nn.Module) -> None:
+    """`ddp.sync_bn=true`: the batch norms of the student and its adapters (not the teacher's) compute their
+    statistics over the whole global batch. The new modules keep the same parameter and buffer tensors, so an
+    optimizer built before still holds them."""
+    for name, child in list(method.named_children()):  # the teacher is not among them (base.Method hides it)
+        setattr(method, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+
+
+def check_ddp_config(cfg, method_cls, device: torch.device) -> None:
+    """What cannot run over several processes, refused in one line before anything is written."""
+    from kdrun.step_speed import compile_mode  # not at import: checkpoint.py imports this module
+    size = _world.size if _world is not None else 1
+    ddp = cfg.get("ddp") or {}
+    if ddp.get("sync_bn") and size > 1 and device.type != "cuda":
+        raise ConfigError("ddp.sync_bn=true needs CUDA (torch's SyncBatchNorm has no CPU kernel); on the CPU "
+                          "each process's batch norms use its own share of the batch (ddp.sync_bn=false)")
+    if size <= 1:
+        return
+    if cfg.batch_size < size:
+        raise ConfigError(f"batch_size={cfg.batch_size} is the global batch and cannot be shared by {size} "
+                          f"processes; give at least {size}")
+    refusal = getattr(method_cls, "ddp_refusal", None)
+    if refusal:
+        raise ConfigError(f"method={cfg.method.name} cannot train over {size} processes: {refusal}; run it in one "
+                          "process")
+    reasons = []
+    if cfg.method.get("dot"):
+        reasons.append("method.dot=true (two backward passes per step)")
+    if cfg.transfer.name != "labelled":
+        reasons.append(f"transfer={cfg.transfer.name} (only the labelled training split is sharded)")
+    if str(cfg.teacher.get("access", "full")) != "full":
+        reasons.append(f"teacher.access={cfg.teacher.access}")
+    if cfg.teacher.get("cache_outputs") is True:
+        reasons.append("teacher.cache_outputs=true (each process runs its frozen teacher; set it to auto or false)")
+    if compile_mode(cfg) is not None:
+        reasons.append("compile=true")
+    for key in ("quantize", "prune"):
+        if cfg.student.get(key):
+            reasons.append(f"student.{key}")
+    if reasons:
+        raise ConfigError(f"{reasons[0]} is not available over {size} processes (torchrun); run it in one process")
+
+
+def check_shares(cfg, train_images: int) -> None:
+    """Every process needs an image of every batch, the epoch's last (shorter) batch included."""
+    size = _world.size
+    last = train_images % cfg.batch_size
+    if 0 < last < size:
+        raise ConfigError(f"the last batch of an epoch has {last} of the {train_images} training images "
+                          f"(batch_size={cfg.batch_size}), too few for {size} processes; choose a batch_size "
+                          f"that leaves at least {size} (or none) over")

@@ -1,0 +1,173 @@
+"""One run over several processes (kdrun/distributed.py): torchrun with the gloo backend on the CPU.
+
+The end-to-end tests start `torchrun --standalone --nproc-per-node=2` (a few seconds each, marked slow); the
+checks of shares and refusals set up a pretend world in this process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from kdrun import distributed
+from kdrun.data.loader import TensorLoader
+from kdrun.distributed import ShardedLoader, World
+from kdrun.errors import ConfigError
+
+from conftest import compose_config
+
+TESTS = Path(__file__).parent
+LINEAR = ["method=kd", "teacher=linear", "student=linear", "dataset=linear_teacher", "dataset.n_train=101",
+          "batch_size=30", "epochs=3", "teacher.cache_outputs=false"]  # 101 = 3 x 30 + 11: the last batch splits 5 / 6
+TIMING = ("epoch_s", "images_per_s")
+
+
+def torchrun(cwd: Path, *args: str, script: list[str] | None = None, env: dict | None = None,
+             processes: int = 2) -> subprocess.CompletedProcess:
+    target = script or ["-m", "kdrun"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               *target, *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def one_process(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdrun", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def metrics(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "metrics.csv").drop(columns=list(TIMING))
+
+
+def files_below(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def pretend_world(monkeypatch):
+    def make(rank: int = 0, size: int = 2):
+        monkeypatch.setattr(distributed, "_world", World(rank, size, rank, "gloo"))
+    return make
+
+
+# ----- shares of a batch ---------------------------------------------------------------------------------
+
+def test_shares_of_every_batch_are_the_single_process_batch_in_order():
+    images = torch.arange(11 * 1 * 2 * 2, dtype=torch.uint8).view(11, 1, 2, 2)
+    labels = torch.arange(11)
+
+    def loader():
+        return TensorLoader(images, labels, 4, (0.0,), (1.0,), train=True, crop_padding=1, seed=3)
+
+    whole = [(x.clone(), y.clone()) for x, y, _ in loader()]
+    shards = [ShardedLoader(loader(), rank, 2) for rank in range(2)]
+    parts = [[(x, y, s.grad_scale) for x, y, _ in s] for s in shards]
+    assert len(parts[0]) == len(parts[1]) == len(whole) == 3
+    for (x, y), (x0, y0, g0), (x1, y1, g1) in zip(whole, *parts):
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+        # DDP averages the two gradients of share means: with the shares' factors, each image weighs 1 / N
+        for g, share in ((g0, y0), (g1, y1)):
+            assert g / (2 * len(share)) == pytest.approx(1 / len(y))
+    assert [len(p[2][1]) for p in parts] == [1, 2]  # the last batch of 3 splits 1 / 2
+    assert shards[0].num_samples == 11  # the whole loader's figures: images/s, class counts
+
+
+def test_a_last_batch_too_small_to_share_is_refused(pretend_world):
+    pretend_world(0, 2)
+    cfg = compose_config(*LINEAR, "batch_size=25")
+    with pytest.raises(ConfigError, match="last batch of an epoch has 1 of the 101 training images"):
+        distributed.check_shares(cfg, 101)
+    distributed.check_shares(compose_config(*LINEAR), 101)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=crd"], "method=crd cannot train over 2 processes: its memory banks"),
+    (["method=cskd"], "method=cskd cannot train over 2 processes"),
+    (["method=mlkd"], "method=mlkd cannot train over 2 processes"),
+    (["method.dot=true"], "method.dot=true"),
+    (["transfer=label_free", "+transfer.unlabelled=x"], "transfer=label_free"),
+    (["teacher.cache_outputs=true"], "teacher.cache_outputs=true"),
+    (["compile=true"], "compile=true"),
+    (["batch_size=1"], "batch_size=1 is the global batch"),
+    (["ddp.sync_bn=true"], "ddp.sync_bn=true needs CUDA"),
+])
+def test_what_cannot_run_over_processes_is_refused_in_one_line(pretend_world, overrides, message):
+    from kdrun.experiment import configure
+
+    pretend_world(0, 2)
+    cfg = compose_config(*overrides)
+    method_cls = configure(cfg)
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")) as err:
+        distributed.check_ddp_config(cfg, method_cls, torch.device("cpu"))
+    assert "\n" not in str(err.value)
+
+
+def test_a_single_process_run_hashes_as_before(pretend_world):
+    from kdrun.run_record import config_hash
+
+    cfg = compose_config("method=kd")
+    alone = config_hash(cfg)
+    assert config_hash(compose_config("method=kd", "ddp.timeout_min=5", "ddp.backend=gloo")) == alone
+    pretend_world(0, 2)
+    assert config_hash(cfg) != alone  # two processes' batch norms see halves of each batch: not a twin
+
+
+# ----- end to end over two processes ----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_processes_write_the_metrics_one_process_writes(tmp_path):
+    """A model without batch statistics: the two runs are the same computation, up to float rounding (the last
+    batch of each epoch splits unevenly, 5 / 6)."""
+    alone = one_process(tmp_path, *LINEAR, "results_dir=res", "run_dir=res/alone")
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    shared = torchrun(tmp_path, *LINEAR, "results_dir=res", "run_dir=res/shared")
+    assert shared.returncode == 0, shared.stderr[-3000:]
+    a, b = metrics(tmp_path / "res/alone"), metrics(tmp_path / "res/shared")
+    assert list(a.columns) == list(b.columns) and len(a) == 3
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-5, atol=1e-6)
+    record = json.loads((tmp_path / "res/shared/result.json").read_text())
+    assert record["status"] == "completed" and record["world_size"] == 2
+    assert record["teacher_queries"] == json.loads((tmp_path / "res/alone/result.json").read_text())["teacher_queries"]
+    # written once: the shared run's directory holds what the single run's holds, nothing twice, no leftovers
+    assert files_below(tmp_path / "res/shared") == files_below(tmp_path / "res/alone")
+    assert len(list((tmp_path / "res/teachers").glob("linear_*/checkpoint.pt"))) == 1
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_the_run_and_it_resumes(tmp_path):
+    """Rank 1 dies (SIGKILL) right after the first epoch's checkpoint; torchrun ends rank 0; the run is recorded
+    incomplete, and the same command resumes it after epoch 1 to the metrics of an uninterrupted run. The
+    teacher is trained by rank 0 inside the first torchrun while rank 1 waits."""
+    common = ["method=kd", "teacher=resnet8", "student=resnet8", "epochs=3", "teacher.epochs=1", "batch_size=128",
+              "teacher.cache_outputs=false", "results_dir=res"]
+    killed = torchrun(tmp_path, "checkpoint=1", *common, "run_dir=res/killed",
+                      script=[str(TESTS / "kill_at.py")], env={"KILL_RANK": "1"})
+    assert killed.returncode != 0
+    record = json.loads((tmp_path / "res/killed/result.json").read_text())
+    assert record["status"] in ("failed", "interrupted", "running")
+    assert len(pd.read_csv(tmp_path / "res/killed/metrics.csv")) >= 1
+    assert len(list((tmp_path / "res/teachers").glob("resnet8_*/checkpoint.pt"))) == 1
+
+    resumed = torchrun(tmp_path, *common, "run_dir=res/killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr
+    whole = torchrun(tmp_path, *common, "run_dir=res/whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    record = json.loads((tmp_path / "res/killed/result.json").read_text())
+    assert record["status"] == "completed" and record["resumed_after_epoch"] >= 1
+    pd.testing.assert_frame_equal(metrics(tmp_path / "res/killed"), metrics(tmp_path / "res/whole"),
+                                  check_exact=False, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_sweep_under_torchrun_is_refused(tmp_path):
+    result = torchrun(tmp_path, "-m", "method=ce,kd", "results_dir=res")
+    assert result.returncode != 0
+    assert "a sweep (-m) cannot run under torchrun" in result.stderr
+    assert not (tmp_path / "res").exists()
