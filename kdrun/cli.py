@@ -92,8 +92,9 @@ def run_hydra(argv: list[str]) -> None:
     from kdrun.config_store import register_model_groups
     from kdrun.paths import conf_dir
 
-    from kdrun import sweep_summary
+    from kdrun import ray_launcher, sweep_summary
 
+    ray_launcher.prepare(argv)
     register_model_groups()
     from kdrun.fused.launcher import register_launcher
 

@@ -3,9 +3,12 @@ one line and close matches, before Hydra runs anything."""
 from __future__ import annotations
 
 import difflib
+import importlib.util
 
 from kdrun.errors import ConfigError
+from kdrun.fused.launcher import FUSED_LAUNCHER
 from kdrun.paths import conf_dir
+from kdrun.ray_launcher import RAY_LAUNCHERS, RAY_PLUGIN
 
 MODEL_GROUPS = ("teacher", "student")
 
@@ -46,7 +49,41 @@ def quote_boolean_choices(argv: list[str]) -> list[str]:
     return quoted
 
 
+LAUNCHER_GROUP = "hydra/launcher"
+
+
+def launcher_options() -> list[str]:
+    """kdrun's own launcher configs and those of the installed Hydra plugins."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # imports the installed plugins, which store their configs (Hydra does it next anyway)
+    stored = [name.removesuffix(".yaml") for name in ConfigStore.instance().list(LAUNCHER_GROUP)]
+    return sorted({*group_options(LAUNCHER_GROUP), *stored} - {FUSED_LAUNCHER})
+
+
+def check_launcher_choices(argv: list[str]) -> None:
+    """hydra/launcher=NAME: a launcher whose plugin is missing says which extra installs it, in one line."""
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if not eq or key.lstrip("+~") != LAUNCHER_GROUP:
+            continue
+        options = None
+        for choice in split_choices(value):
+            if choice in RAY_LAUNCHERS and importlib.util.find_spec(RAY_PLUGIN) is None:  # imports no Ray
+                raise ConfigError(f"hydra/launcher={choice} needs the Ray launcher plugin, which is not installed: "
+                                  'pip install "kdrun[ray]"')
+            if choice == FUSED_LAUNCHER:  # what fuse=true selects; not offered by name
+                continue
+            options = options or launcher_options()
+            if choice not in options:
+                close = difflib.get_close_matches(choice, options, n=3, cutoff=0.6)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ConfigError(f"unknown {LAUNCHER_GROUP} '{choice}'{hint} (allowed: {', '.join(options)})")
+
+
 def check_group_choices(argv: list[str]) -> None:
+    check_launcher_choices(argv)
     groups = set(MODEL_GROUPS) | set(file_groups())
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:

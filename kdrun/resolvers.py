@@ -155,10 +155,17 @@ def job_dirname(overrides: str) -> str:
     return f"{text.encode()[:JOB_DIRNAME_LIMIT - 12].decode(errors='ignore')}_{digest}"
 
 
+def gpus_per_job() -> int:
+    """`${kdrun.gpus_per_job:}` (conf/hydra/launcher/ray.yaml): a GPU for each Ray job when this machine has one."""
+    import torch
+
+    return 1 if torch.cuda.is_available() else 0
+
+
 RESOLVERS = {"kdrun.repdistiller_lr": repdistiller_lr, "kdrun.dkd_beta": dkd_beta, "kdrun.job_dirname": job_dirname,
              "kdrun.reviewkd_beta": reviewkd_beta, "kdrun.recipe_lr": recipe_lr, "kdrun.recipe_epochs": recipe_epochs,
              "kdrun.recipe_teacher_epochs": recipe_teacher_epochs,
-             "kdrun.ls_base_T": ls_base_T, "kdrun.ls_weight": ls_weight}
+             "kdrun.ls_base_T": ls_base_T, "kdrun.ls_weight": ls_weight, "kdrun.gpus_per_job": gpus_per_job}
 
 
 def register_resolvers() -> None:

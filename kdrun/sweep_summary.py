@@ -2,7 +2,7 @@
 interrupted) and an exit status that says whether any job failed.
 
 Each job writes its own report file, `<sweep dir>/.jobs/<num>.json` (no two processes ever write one file,
-and it works the same for the basic, joblib and submitit launchers, whose jobs may run on other hosts of a
+and it works the same for the basic, joblib, submitit and Ray launchers, whose jobs may run on other hosts of a
 shared filesystem); a Hydra callback in the launching process reads them when the sweep ends. A job whose
 report still says `running` then was killed without a word.
 """
@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdrun.progress import print_unfolded
+from kdrun.ray_launcher import wait_for_worker_output
 from kdrun.results import read_result, write_result
 
 REPORTS = ".jobs"
@@ -99,5 +100,6 @@ class SweepSummary(Callback):
         reports = read_reports(Path(config.hydra.sweep.dir))
         if not reports:
             return
+        wait_for_worker_output()  # Ray's workers: their last lines first (a no-op for the other launchers)
         print_unfolded(Console(), summary_table(reports))
         exit_status = status_of_sweep(reports)

@@ -29,6 +29,7 @@ FUSED_DIR = ".fused"  # <sweep dir>/.fused/<first job>.json: a group's jobs, bat
 # Hydra instantiates launchers of the `hydra_plugins` namespace only (and those it found there when it started):
 # the class is registered under such a name here instead of shipping a second top-level package.
 PLUGIN_MODULE = "hydra_plugins.kdrun_fused_launcher"
+FUSED_LAUNCHER = "kdrun_fused"  # its name in the hydra/launcher group
 
 
 def register_launcher() -> None:
@@ -42,7 +43,7 @@ def register_launcher() -> None:
     sys.modules[PLUGIN_MODULE] = module
     FusedLauncher.__module__ = PLUGIN_MODULE
     Plugins.instance()._register(FusedLauncher)
-    ConfigStore.instance().store(group="hydra/launcher", name="kdrun_fused",
+    ConfigStore.instance().store(group="hydra/launcher", name=FUSED_LAUNCHER,
                                  node={"_target_": f"{PLUGIN_MODULE}.FusedLauncher", "fuse": True})
 
 
