@@ -176,7 +176,14 @@ class ShardedLoader:
 
 
 def shard(loader):
-    return loader if _world is None else ShardedLoader(loader, _world.rank, _world.size)
+    """This process's share of `loader`'s batches. An image folder decodes only its share (`take_share`); an
+    in-memory loader draws each whole batch (cheap: crops and flips on the device) and is sliced."""
+    if _world is None:
+        return loader
+    if hasattr(loader, "take_share"):
+        loader.take_share(_world.rank, _world.size)
+        return loader
+    return ShardedLoader(loader, _world.rank, _world.size)
 
 
 def wrap_for_step(method: nn.Module) -> nn.Module:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
+from kdrun.imagenet_protocol import imagenet_method_key
+
 # RepDistiller train_student.py and train_teacher.py: `if model in ['MobileNetV2', 'ShuffleV1', 'ShuffleV2']:
 # learning_rate = 0.01` (else the --learning_rate default 0.05). Its MobileNetV2 is mobile_half (width 0.5).
 REPDISTILLER_LR = 0.05
@@ -165,7 +167,8 @@ def gpus_per_job() -> int:
 RESOLVERS = {"kdrun.repdistiller_lr": repdistiller_lr, "kdrun.dkd_beta": dkd_beta, "kdrun.job_dirname": job_dirname,
              "kdrun.reviewkd_beta": reviewkd_beta, "kdrun.recipe_lr": recipe_lr, "kdrun.recipe_epochs": recipe_epochs,
              "kdrun.recipe_teacher_epochs": recipe_teacher_epochs,
-             "kdrun.ls_base_T": ls_base_T, "kdrun.ls_weight": ls_weight, "kdrun.gpus_per_job": gpus_per_job}
+             "kdrun.ls_base_T": ls_base_T, "kdrun.ls_weight": ls_weight, "kdrun.gpus_per_job": gpus_per_job,
+             "kdrun.imagenet_method": imagenet_method_key}
 
 
 def register_resolvers() -> None:

@@ -78,6 +78,43 @@ def test_shares_of_every_batch_are_the_single_process_batch_in_order():
     assert shards[0].num_samples == 11  # the whole loader's figures: images/s, class counts
 
 
+def test_an_image_folder_decodes_only_its_share_of_each_batch(tmp_path):
+    """Shuffled as one process shuffles, then each process's sampler keeps its contiguous share of the indices."""
+    from test_datasets import write_folder
+
+    from kdrun.data import load_dataset
+    from kdrun.data.loader import make_loaders
+    from omegaconf import OmegaConf
+
+    write_folder(tmp_path, per_class=(4, 3), sizes=((16, 16),))  # 12 training images; 9 test: the last batch is 1
+    cfg = OmegaConf.create({"name": "imagefolder", "root": str(tmp_path), "image_size": 16, "crop_padding": 0,
+                            "hflip": False, "workers": 0})
+    data = load_dataset(cfg)
+
+    def loaders():
+        return make_loaders(data, batch_size=4, device="cpu", seed=5, eval_batch_size=4)
+
+    def shares(split: int) -> list[list]:
+        parts = []
+        for rank in range(2):
+            loader = loaders()[split]
+            loader.take_share(rank, 2)
+            parts.append([(x, i, loader.grad_scale) for x, _, i in loader])
+        assert loader.sharded and loader.num_samples == (12, 9)[split]  # the whole split's count
+        return parts
+
+    train = [(x, i) for x, _, i in loaders()[0]]
+    rank0, rank1 = shares(0)
+    assert len(rank0) == len(rank1) == len(train) == 3
+    for (x, i), (x0, i0, g0), (x1, i1, g1) in zip(train, rank0, rank1):
+        assert torch.equal(torch.cat([i0, i1]), i) and torch.equal(torch.cat([x0, x1]), x)
+        assert g0 == g1 == 1.0
+    test0, test1 = shares(1)  # batches of 4, 4, 1: rank 0's share of the last one is empty, and left out
+    assert [len(i) for _, i, _ in test0] == [2, 2] and [len(i) for _, i, _ in test1] == [2, 2, 1]
+    seen = torch.cat([i for _, i, _ in test0 + test1])
+    assert sorted(seen.tolist()) == list(range(9))
+
+
 def test_a_last_batch_too_small_to_share_is_refused(pretend_world):
     pretend_world(0, 2)
     cfg = compose_config(*LINEAR, "batch_size=25")

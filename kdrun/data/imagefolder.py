@@ -6,6 +6,7 @@ serves the same `(images, labels, indices)` batches as `TensorLoader`, on the de
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -118,6 +119,19 @@ class FolderLoader:
         self.loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=train, drop_last=drop_last,
                                  num_workers=workers, pin_memory=self._pin, generator=self.generator)
         self._labels: torch.Tensor | None = None
+        self.sharded = False
+        self.grad_scale = 1.0
+        self._shares = None
+
+    def take_share(self, rank: int, size: int) -> None:
+        """Over several processes (kdrun/distributed.py): decode only this process's contiguous share of each
+        batch of the single-process order, rather than every image of it. `grad_scale` follows each batch."""
+        sampler = (torch.utils.data.RandomSampler(self.dataset, generator=self.generator) if self.train
+                   else torch.utils.data.SequentialSampler(self.dataset))
+        self._shares = BatchShares(torch.utils.data.BatchSampler(sampler, self.batch_size, self.drop_last), rank, size)
+        self.loader = DataLoader(self.dataset, batch_sampler=self._shares, num_workers=self.workers,
+                                 pin_memory=self._pin, generator=self.generator)
+        self.sharded = True
 
     @property
     def num_samples(self) -> int:
@@ -141,9 +155,34 @@ class FolderLoader:
         else:
             self.dataset.rng_state = None
         for images, labels, index in self.loader:
+            if self._shares is not None:
+                self.grad_scale = self._shares.scales.popleft()
             images = images.to(self.device, non_blocking=self._pin)
             yield (normalize(images, self.mean, self.std), labels.to(self.device, non_blocking=self._pin),
                    index.to(self.device, non_blocking=self._pin))
+
+
+class BatchShares:
+    """A process's contiguous share of each batch of `batches` (a BatchSampler); the factor its loss gets (its
+    share of the batch times the processes) is queued per batch, since the DataLoader samples ahead. An empty
+    share (a test set's last batch smaller than the processes) is left out: training refuses batches that would
+    leave one empty (distributed.check_shares), and evaluation sums its counts only at the end."""
+
+    def __init__(self, batches, rank: int, size: int):
+        self.batches, self.rank, self.size = batches, rank, size
+        self.scales: deque = deque()
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        self.scales.clear()
+        for batch in self.batches:
+            n = len(batch)
+            lo, hi = n * self.rank // self.size, n * (self.rank + 1) // self.size
+            if hi > lo:
+                self.scales.append(self.size * (hi - lo) / n)
+                yield batch[lo:hi]
 
 
 def make_folder_loaders(data: FolderData, batch_size: int, device, seed: int,
