@@ -88,7 +88,7 @@ def run_hydra(argv: list[str]) -> None:
 
     from kdrun import sweep_summary
 
-    register_model_groups()
+    register_model_groups(argv)
     from kdrun.fused.launcher import register_launcher
 
     register_launcher()
