@@ -12,7 +12,7 @@ from torch import nn
 
 from kdrun.errors import ConfigError
 from kdrun.models import MODELS, create_model
-from kdrun.teachers import cache_dir, resolve_cached, teacher_identity, training_identity
+from kdrun.teachers import cache_dir, is_pretrained, resolve_cached, teacher_identity, training_identity
 from kdrun.modifier_keys import drop_off_modifiers
 
 
@@ -74,9 +74,12 @@ def link_identity(cfg, name: str, upstream_identity: dict) -> dict:
 
 
 def root_identity(cfg, teacher_sha256: str) -> dict:
-    """What the chain's first link descends from: the cached teacher's identity, or the given checkpoint."""
+    """What the chain's first link descends from: the cached teacher's identity, or the given checkpoint (or
+    published weights)."""
     if cfg.teacher.checkpoint:
         return {"checkpoint_sha256": teacher_sha256}
+    if is_pretrained(cfg.teacher):
+        return {"model": cfg.teacher.name, "pretrained_sha256": teacher_sha256}
     identity = teacher_identity(cfg)
     if cfg.teacher.get("snapshot_epoch") is not None:
         identity["snapshot_epoch"] = cfg.teacher.snapshot_epoch

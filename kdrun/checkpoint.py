@@ -148,6 +148,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def state_sha256(model: nn.Module) -> str:
+    """The sha256 of a model's weights (name, dtype, shape and bytes of every state_dict entry, in order): the
+    identity of weights that come from no file, such as a library's published ones."""
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_if_intact(path: Path, instead: str) -> dict | None:
     """A stored intermediate (a cached batch, a selection, a black box's answers) that is safe to reuse: its
     state, or None when it is absent or damaged (then saying so, and what is done `instead`)."""

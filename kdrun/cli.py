@@ -95,7 +95,7 @@ def run_hydra(argv: list[str]) -> None:
     from kdrun import ray_launcher, sweep_summary
 
     ray_launcher.prepare(argv)
-    register_model_groups()
+    register_model_groups(argv)
     from kdrun.fused.launcher import register_launcher
 
     register_launcher()

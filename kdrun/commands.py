@@ -7,6 +7,8 @@ from rich.table import Table
 
 from kdrun.errors import ConfigError, OneLineParser
 
+LIBRARIES = ("timm", "torchvision")  # kdrun.models.library's; named here so that `kdrun ls` imports no model
+
 out = Console()
 
 
@@ -38,7 +40,16 @@ def ls_command(args: list[str]) -> int:
     parser.add_argument("--classes", type=int, help="number of classes for `ls layers` (default: the dataset's)")
     parser.add_argument("--fx", action="store_true",
                         help="`ls layers` also lists the torch.fx node names (tap them as fx:NODE) with their shapes")
+    for library in LIBRARIES:
+        parser.add_argument(f"--{library}", metavar="PATTERN", nargs="?", const="*",
+                            help=f"`ls models`: {library}'s models matching PATTERN (default *), as {library}/NAME")
     opts = parser.parse_args(args)
+    wanted = [library for library in LIBRARIES if getattr(opts, library) is not None]
+    if wanted and opts.what != "models":
+        raise ConfigError(f"--{wanted[0]} is not allowed with `kdrun ls {opts.what}`: it lists models "
+                          f"(kdrun ls models --{wanted[0]} PATTERN)")
+    if wanted:
+        return ls_library_models(wanted[0], getattr(opts, wanted[0]))
     if opts.what == "layers":
         if not opts.model:
             raise ConfigError("`kdrun ls layers` needs a model name, e.g. kdrun ls layers resnet26")
@@ -59,6 +70,25 @@ def ls_command(args: list[str]) -> int:
     out.print(table)
     if opts.what == "methods":
         out.print(modifier_table(registry))
+    if opts.what == "models":
+        out.print("Also timm's and torchvision's models, as timm/NAME (pip install kdrun[timm]) and torchvision/NAME; "
+                  "list them with kdrun ls models --timm 'PATTERN' or --torchvision 'PATTERN'",
+                  highlight=False, markup=False)
+    return 0
+
+
+def ls_library_models(library: str, pattern: str) -> int:
+    """One `library/NAME` per line (a pattern such as 'resnet*' or '*vit*'), for grep and the shell."""
+    from kdrun.models.library import backend
+
+    lib = backend(library)
+    if not lib.available():
+        raise ConfigError(f"--{library} needs {library}, which is not installed: {lib.INSTALL}")
+    names = lib.model_names(pattern, pattern)
+    if not names:
+        raise ConfigError(f"--{library} {pattern}: no {library} model matches it (try '*{pattern.strip('*')}*')")
+    for name in names:
+        out.print(f"{library}/{name}", highlight=False, markup=False, soft_wrap=True)
     return 0
 
 
@@ -124,8 +154,10 @@ def registry_of(what: str):
 def ls_layers(name: str, input_shape: tuple[int, ...], classes: int, fx: bool = False) -> int:
     from kdrun.features import fx_node_table, layer_table
     from kdrun.models import create_model
+    from kdrun.models.library import check_runs_at
 
     model = create_model(name, num_classes=classes, in_channels=input_shape[0])
+    check_runs_at(model, input_shape, name, "give a larger --input, e.g. --input 3x224x224")
     input_text = "x".join(map(str, input_shape))
     table = Table(title=f"{name} layers for input {input_text}")
     for column in ("alias", "module path", "shape"):

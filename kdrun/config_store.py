@@ -5,6 +5,7 @@ from hydra.core.config_store import ConfigStore
 
 from kdrun.compress.options import COMPRESS_DEFAULTS
 from kdrun.models import MODELS, model_options
+from kdrun.models.library import mentioned_models
 from kdrun.resolvers import register_resolvers
 
 
@@ -33,12 +34,16 @@ def student_node(name: str) -> dict:
     return {"name": name, **model_options(name), **COMPRESS_DEFAULTS}  # quantize, init, prune, prune_kind
 
 
-def register_model_groups() -> None:
+def register_model_groups(overrides=()) -> None:
+    """kdrun's models, and the library models these overrides name (`teacher=torchvision/resnet18` is option
+    `resnet18` of group `teacher/torchvision`, which Hydra places at `teacher` all the same)."""
     register_resolvers()  # and the ${kdrun.*} resolvers of the shipped recipes, wherever a config is composed
     store = ConfigStore.instance()
-    for name in MODELS.names():
-        store.store(group="teacher", name=name, node=teacher_node(name))
-        store.store(group="student", name=name, node=student_node(name))
+    for name in [*MODELS.names(), *(n for n in mentioned_models(overrides) if n in MODELS)]:
+        library, _, option = name.rpartition("/")
+        suffix = f"/{library}" if library else ""
+        store.store(group=f"teacher{suffix}", name=option, node=teacher_node(name))
+        store.store(group=f"student{suffix}", name=option, node=student_node(name))
 
 
 def compose_config(overrides: list[str]):
@@ -48,6 +53,6 @@ def compose_config(overrides: list[str]):
     from kdrun.overrides import quote_boolean_choices
     from kdrun.paths import conf_dir
 
-    register_model_groups()
+    register_model_groups(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=quote_boolean_choices(list(overrides)))

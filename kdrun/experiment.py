@@ -21,6 +21,7 @@ from kdrun.errors import ConfigError, RunError
 from kdrun.interrupt import Interrupted, check_stop
 from kdrun.methods import METHODS, Method
 from kdrun.models import create_model
+from kdrun.models.library import OptionRefused, check_pretrained_teacher, check_runs_at
 from kdrun.progress import RunProgress, console, print_error
 from kdrun.results import METRICS_FILE, RESULT_FILE, read_result, write_metrics, write_result
 from kdrun.resume import DamagedCheckpoint, restore_training, training_state
@@ -60,6 +61,19 @@ def configure(cfg: DictConfig):
     return method_cls
 
 
+def role_model(cfg: DictConfig, role: str, data: ImageData) -> nn.Module:
+    """The teacher's or the student's model, refusals of its options naming the node (`student.pretrained`);
+    a library model must also run on the dataset's images."""
+    node = cfg[role]
+    try:
+        model = create_model(node.name, data.num_classes, data.in_channels, **model_options_of(node))
+    except OptionRefused as exc:
+        raise exc.on(role) from None
+    check_runs_at(model, data.image_shape, f"{role}={node.name}",
+                  f"choose another model, or a dataset of larger images than {cfg.dataset.name}")
+    return model
+
+
 def prepare(cfg: DictConfig) -> Plan:
     """Everything that can refuse the run, before anything is written."""
     method_cls = configure(cfg)
@@ -73,7 +87,8 @@ def prepare(cfg: DictConfig) -> Plan:
     teacher, assistants = None, []
     if method_cls.needs_teacher:
         check_snapshot_epoch(cfg)
-        teacher = create_model(cfg.teacher.name, data.num_classes, data.in_channels, **model_options_of(cfg.teacher))
+        check_pretrained_teacher(cfg.teacher, data.num_classes, cfg.dataset.name)
+        teacher = role_model(cfg, "teacher", data)
         if cfg.teacher.checkpoint:
             path = Path(cfg.teacher.checkpoint).expanduser()
             load_weights(teacher, load_checkpoint(path, "teacher.checkpoint"), "teacher.checkpoint", path)
@@ -84,7 +99,7 @@ def prepare(cfg: DictConfig) -> Plan:
         raise ConfigError(f"assistants={list(cfg.assistants)} is not allowed with method={cfg.method.name}, "
                           "which uses no teacher")
     torch.manual_seed(cfg.seed)
-    student = create_model(cfg.student.name, data.num_classes, data.in_channels, **model_options_of(cfg.student))
+    student = role_model(cfg, "student", data)
     direct_teacher = assistants[-1] if assistants else teacher
     method = method_cls(cfg.method, student.to(device), direct_teacher, data.num_classes).to(device)
     method.prepare(data.image_shape)

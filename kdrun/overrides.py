@@ -83,6 +83,8 @@ def check_launcher_choices(argv: list[str]) -> None:
 
 
 def check_group_choices(argv: list[str]) -> None:
+    from kdrun.models.library import is_library_name
+
     check_launcher_choices(argv)
     groups = set(MODEL_GROUPS) | set(file_groups())
     for arg in argv:
@@ -94,10 +96,20 @@ def check_group_choices(argv: list[str]) -> None:
             continue
         options = group_options(key)
         for choice in split_choices(value):
-            if choice not in options:
+            if key in MODEL_GROUPS and is_library_name(choice):
+                check_library_model(choice, key)
+            elif choice not in options:
                 close = difflib.get_close_matches(choice, options, n=3, cutoff=0.6)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise ConfigError(f"unknown {key} '{choice}'{hint} (allowed: {', '.join(options)})")
+                more = "; or timm/NAME, torchvision/NAME" if key in MODEL_GROUPS else ""
+                raise ConfigError(f"unknown {key} '{choice}'{hint} (allowed: {', '.join(options)}{more})")
+
+
+def check_library_model(name: str, key: str) -> None:
+    from kdrun.models import MODELS
+
+    if name not in MODELS:  # timm's and torchvision's names are not listed: the library is asked
+        raise ConfigError(MODELS.unknown_message(name, key))
 
 
 def check_override_keys(argv: list[str]) -> None:

@@ -17,6 +17,7 @@ from kdrun.errors import ConfigError, OutputError
 from kdrun.interrupt import Interrupted, stop_requested
 from kdrun.compress.options import COMPRESS_DEFAULTS, COMPRESS_KEYS
 from kdrun.methods import METHODS, Method
+from kdrun.models import file_label
 from kdrun.modifier_keys import drop_off_modifiers
 from kdrun.resume import DeviceMismatch
 from kdrun.step_speed import hash_as_before, speed_record
@@ -68,7 +69,7 @@ def hash_processes(container: dict) -> None:
 def default_run_dir(cfg: DictConfig) -> Path:
     uses_teacher = METHODS.get(cfg.method.name).needs_teacher
     chain = [cfg.teacher.name, *(cfg.get("assistants") or [])] if uses_teacher else []
-    models = "-".join([*chain, cfg.student.name])
+    models = "-".join(file_label(name) for name in [*chain, cfg.student.name])
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     base = Path(cfg.results_dir) / "runs" / f"{stamp}_{cfg.method.name}_{models}_{cfg.dataset.name}_s{cfg.seed}"
     run_dir, n = base, 1

@@ -54,8 +54,9 @@ def estimate_bytes(cfg, plan) -> int:
     as AdamW keeps) twice, since an atomic write holds the old and the new file at once, plus a teacher
     cache entry when the teacher is trained."""
     need = 6 * state_bytes(plan.method) + MB
-    if plan.teacher is not None and not cfg.teacher.get("checkpoint"):
-        from kdrun.teachers import teacher_cache_dir  # teachers imports this module's users: import on use
+    from kdrun.teachers import given_weights, teacher_cache_dir  # teachers imports this module's users: on use
+
+    if plan.teacher is not None and not given_weights(cfg):
 
         if not (teacher_cache_dir(cfg) / "checkpoint.pt").is_file():
             snapshots = int(cfg.teacher.epochs) if cfg.teacher.get("keep_snapshots", True) else 0

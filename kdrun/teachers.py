@@ -1,4 +1,5 @@
-"""Teacher resolution: an explicit `teacher.checkpoint`, else the teacher cache, else train it and cache it.
+"""Teacher resolution: an explicit `teacher.checkpoint` or a library model's published weights
+(`teacher.pretrained=true`), else the teacher cache, else train it and cache it.
 
 The cache lives in `<results_dir>/teachers/<model>_<dataset>_<hash>/`, keyed by a hash of everything that
 determines the teacher (model and options, dataset, training settings, seed), so sweeps over students
@@ -22,12 +23,13 @@ from torch import nn
 
 from kdrun.compress.options import COMPRESS_KEYS
 from kdrun.checkpoint import (atomic_write_text, hash_path, load_verified, load_weights, save_checkpoint,
-                              sha256_file)
+                              sha256_file, state_sha256)
 from kdrun.data import ImageData, TensorLoader, make_loaders
 from kdrun.errors import ConfigError, DamagedFile, RunError
 from kdrun.methods.base import Method
 from kdrun.methods.ce import CE
-from kdrun.models import create_model
+from kdrun.models import create_model, file_label
+from kdrun.models.library import is_library_name
 from kdrun.progress import RunProgress, print_error
 from kdrun.results import read_result, write_metrics, write_result
 from kdrun.interrupt import check_stop
@@ -46,9 +48,19 @@ DATASET_LOCATION_KEYS = ("root", "download", "workers")
 @dataclass
 class ResolvedTeacher:
     accuracy: float
-    source: str  # checkpoint | cache | trained
+    source: str  # checkpoint | pretrained | cache | trained
     sha256: str
-    path: Path
+    path: Path | None  # None for published weights: they come from no file of kdrun's
+
+
+def is_pretrained(node) -> bool:
+    """A library model with its published weights (`teacher.pretrained=true`)."""
+    return is_library_name(node.name) and node.get("pretrained") is True
+
+
+def given_weights(cfg) -> bool:
+    """The teacher's weights are given, by a checkpoint or a library, and used as they are: never trained."""
+    return bool(cfg.teacher.checkpoint) or is_pretrained(cfg.teacher)
 
 
 def model_options_of(node) -> dict:
@@ -90,7 +102,7 @@ def teacher_identity(cfg) -> dict:
 
 def cache_dir(cfg, model_name: str, identity: dict) -> Path:
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cfg.results_dir) / "teachers" / f"{model_name}_{cfg.dataset.name}_{digest}"
+    return Path(cfg.results_dir) / "teachers" / f"{file_label(model_name)}_{cfg.dataset.name}_{digest}"
 
 
 def teacher_cache_dir(cfg) -> Path:
@@ -137,6 +149,12 @@ def check_snapshot_epoch(cfg) -> None:
     if epoch is not None and cfg.teacher.checkpoint:
         raise ConfigError("teacher.snapshot_epoch is not allowed with teacher.checkpoint: snapshots exist only "
                           "for teachers that kdrun trains")
+    if is_pretrained(cfg.teacher) and cfg.teacher.checkpoint:
+        raise ConfigError(f"teacher.checkpoint is not allowed with teacher.pretrained=true: both give the weights "
+                          f"of teacher={cfg.teacher.name}; set teacher.pretrained=false to load the checkpoint")
+    if epoch is not None and is_pretrained(cfg.teacher):
+        raise ConfigError("teacher.snapshot_epoch is not allowed with teacher.pretrained=true: snapshots exist only "
+                          "for teachers that kdrun trains")
 
 
 def resolve_teacher(cfg, teacher: nn.Module, data, settings: TrainSettings) -> ResolvedTeacher:
@@ -146,6 +164,9 @@ def resolve_teacher(cfg, teacher: nn.Module, data, settings: TrainSettings) -> R
         path = Path(cfg.teacher.checkpoint).expanduser()
         _, accuracy = evaluate(teacher, test_loader_of(cfg, data, settings), settings)
         return ResolvedTeacher(accuracy, "checkpoint", sha256_file(path), path)
+    if is_pretrained(cfg.teacher):  # published weights, loaded (and checked) in experiment.prepare: used as is
+        _, accuracy = evaluate(teacher, test_loader_of(cfg, data, settings), settings)
+        return ResolvedTeacher(accuracy, "pretrained", state_sha256(teacher), None)
 
     def new_learner() -> Method:
         torch.manual_seed(cfg.teacher.seed)

@@ -6,9 +6,35 @@ import inspect
 from torch import nn
 
 from kdrun.errors import ConfigError
+from kdrun.models import library
+from kdrun.models.library import is_library_name
 from kdrun.registry import Registry
 
-MODELS: Registry = Registry("model")
+
+class ModelRegistry(Registry):
+    """kdrun's own models by name, and the libraries' as `timm/<name>` and `torchvision/<name>`
+    (kdrun/models/library.py), which are looked up on demand: `names()` lists kdrun's own alone."""
+
+    def get(self, name: str):
+        if is_library_name(name):
+            return library.factory(name)
+        return super().get(name)
+
+    def unknown_message(self, name: str, key: str | None = None) -> str:
+        if is_library_name(name):
+            return library.unknown_message(name, key)
+        return super().unknown_message(name, key)
+
+    def describe(self, name: str) -> str:
+        return library.describe(name) if is_library_name(name) else super().describe(name)
+
+    def __contains__(self, name: object) -> bool:
+        if is_library_name(name):
+            return library.known(str(name))
+        return super().__contains__(name)
+
+
+MODELS: Registry = ModelRegistry("model")
 
 # Factory arguments that come from the dataset, not from the user's model options.
 DATASET_ARGS = ("num_classes", "in_channels")
@@ -41,3 +67,8 @@ def create_model(name: str, num_classes: int = 100, in_channels: int = 3, **opti
     model = factory(num_classes=num_classes, in_channels=in_channels, **options)
     model.model_name = name
     return model
+
+
+def file_label(name: str) -> str:
+    """A model name as part of a file or directory name: `timm/resnet18` -> `timm_resnet18`."""
+    return str(name).replace("/", "_")

@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from kdrun.checkpoint import load_verified, save_checkpoint
 from kdrun.errors import DamagedFile, RunError
 from kdrun.interrupt import check_stop
+from kdrun.models import file_label
 from kdrun.progress import console, print_error
 from kdrun.speed.cache_policy import CachePlan, size_text
 from kdrun.speed.views import all_views
@@ -71,7 +72,7 @@ def outputs_identity(cfg, plan: CachePlan, loader, teacher_sha256: str, device: 
 
 def outputs_path(cfg, teacher_name: str, identity: dict) -> Path:
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cfg.results_dir) / OUTPUTS_DIR / f"{teacher_name}_{cfg.dataset.name}_{digest}.pt"
+    return Path(cfg.results_dir) / OUTPUTS_DIR / f"{file_label(teacher_name)}_{cfg.dataset.name}_{digest}.pt"
 
 
 def distilling_epochs(cfg) -> int:
