@@ -134,9 +134,26 @@ def factory(name: str) -> Callable[..., nn.Module]:
 
 
 def mentioned_models(args) -> list[str]:
-    """The library models named anywhere in these overrides, in order, once each."""
-    found = [m for arg in args for m in MENTION.findall(str(arg))]
+    """The library models named anywhere in these overrides or in the shipped recipes they choose
+    (`+experiment=imagenet_resnet34_resnet18` names torchvision's), in order, once each."""
+    texts = [str(arg) for arg in args] + recipe_texts(args)
+    found = [m for text in texts for m in MENTION.findall(text)]
     return list(dict.fromkeys(found))
+
+
+def recipe_texts(args) -> list[str]:
+    """The YAML text of each experiment recipe that these overrides choose (a sweep may choose several)."""
+    from kdrun.paths import conf_dir
+
+    texts = []
+    for arg in args:
+        key, eq, value = str(arg).partition("=")
+        if eq and key.lstrip("+~") == "experiment":
+            for name in value.strip("[]").split(","):
+                path = conf_dir() / "experiment" / f"{name.strip()}.yaml"
+                if path.is_file():
+                    texts.append(path.read_text())
+    return texts
 
 
 def published_classes(name: str) -> int | None:
