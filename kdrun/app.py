@@ -39,6 +39,7 @@ def experiment_job(cfg: DictConfig) -> None:
         try:
             join_processes(cfg)
             run(cfg)
+            distributed.close(finished=True)
         except ConfigError as exc:
             print_error("kdrun: error:", exc)
             sys.exit(2)
@@ -52,7 +53,7 @@ def experiment_job(cfg: DictConfig) -> None:
             print_error("kdrun: interrupted:", str(exc) or "Ctrl-C")
             sys.exit(interrupted_exit_code())
         finally:
-            distributed.close()
+            distributed.close(finished=False)  # after a failure (a finished run has left already)
         return
     sweep_job(cfg, hydra_cfg)
 
@@ -74,8 +75,9 @@ def sweep_job(cfg: DictConfig, hydra_cfg) -> None:
     try:
         join_processes(cfg)  # the SLURM launcher with several tasks per job: one run over the job's tasks
         sweep_job_alone(cfg, hydra_cfg)
+        distributed.close(finished=True)
     finally:
-        distributed.close()
+        distributed.close(finished=False)
 
 
 def sweep_job_alone(cfg: DictConfig, hydra_cfg) -> None:

@@ -143,9 +143,13 @@ def count_over_processes(count: int, counted_before: int) -> int:
     return counted_before + int(added.item())
 
 
-def close() -> None:
+def close(finished: bool) -> None:
+    """Leave the process group. A finished run's processes leave it together (one leaving while another still
+    writes its files can abort the other at shutdown); after a failure each just goes, since the others may be
+    gone already and a barrier would wait for them."""
     global _world
-    if _world is not None and dist.is_initialized():
+    if _world is not None and dist.is_initialized() and finished:
+        dist.barrier()
         dist.destroy_process_group()
     _world = None
 
