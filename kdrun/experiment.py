@@ -100,6 +100,8 @@ def prepare(cfg: DictConfig) -> Plan:
                           "which uses no teacher")
     torch.manual_seed(cfg.seed)
     student = role_model(cfg, "student", data)
+    if distributed.active() and cfg.ddp.sync_bn:  # before the method's taps are placed on its modules
+        student = distributed.sync_batchnorm(student, cfg.student.name)
     direct_teacher = assistants[-1] if assistants else teacher
     method = method_cls(cfg.method, student.to(device), direct_teacher, data.num_classes).to(device)
     method.prepare(data.image_shape)
@@ -184,8 +186,6 @@ class Execution:
                                                     teacher_data, settings)
             write_result(run_dir / RESULT_FILE, record)
         method = self.method = compress(plan, record)  # a quantized or pruned student, or one started from the teacher
-        if distributed.active() and cfg.ddp.sync_bn:
-            distributed.use_sync_batchnorm(method)
         if plan.teacher is not None:
             self.transfer_run = TransferRun(cfg, plan.transfer, method, plan.student_loader,
                                             teacher_client(cfg, plan.teacher, data, settings), run_dir, settings,
@@ -215,6 +215,8 @@ class Execution:
         return f"{self.plan.cfg.method.name} {self.plan.cfg.student.name}"
 
     def save_state(self, state: dict) -> None:
+        if not distributed.is_main():  # only rank 0 writes: the others need not serialise it
+            return
         plan, method = self.plan, self.method
         wall_s = self.earlier_wall_s + time.perf_counter() - self.started
         state = {**state, "teacher_queries": method.teacher_queries}
@@ -275,7 +277,7 @@ def compress(plan: Plan, record: dict) -> Method:
     method.prepare(data.image_shape)
     method.kd_divergence = plan.method.kd_divergence
     plan.transfer.bind(method)
-    plan.method, plan.train_loader = method, method.wrap_train_loader(plan.student_loader)
+    plan.method, plan.train_loader = method, distributed.shard(method.wrap_train_loader(plan.student_loader))
     return method
 
 
