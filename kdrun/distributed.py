@@ -105,16 +105,27 @@ def device_for(device: torch.device) -> torch.device:
 
 @contextlib.contextmanager
 def main_first():
-    """Rank 0 runs the block first (it may train and store the teacher); the others run it once it is done,
-    finding what rank 0 stored."""
+    """Rank 0 runs the block first (it may train and store the teacher, download published weights); the others
+    run it once it is done, finding what rank 0 stored. When the block fails on rank 0, the others fail with its
+    error instead of running it (or waiting on)."""
     if _world is None:
         yield
         return
-    if _world.rank != 0:
-        dist.barrier()
-    yield
     if _world.rank == 0:
-        dist.barrier()
+        try:
+            yield
+        except BaseException as exc:
+            dist.broadcast_object_list([f"{type(exc).__name__}: {exc}"], src=0)
+            raise
+        dist.broadcast_object_list([None], src=0)
+        return
+    box = [None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        from kdrun.errors import RunError
+
+        raise RunError(f"rank 0 failed: {box[0]}")
+    yield
 
 
 def from_main(decide):

@@ -3,6 +3,7 @@ layer pairings) and writes nothing; only then does `execute` create the run dire
 teacher and train the student."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,10 +66,12 @@ def role_model(cfg: DictConfig, role: str, data: ImageData) -> nn.Module:
     """The teacher's or the student's model, refusals of its options naming the node (`student.pretrained`);
     a library model must also run on the dataset's images."""
     node = cfg[role]
-    try:
-        model = create_model(node.name, data.num_classes, data.in_channels, **model_options_of(node))
-    except OptionRefused as exc:
-        raise exc.on(role) from None
+    # published weights: rank 0 of several processes downloads them into the cache, the others then read it
+    with distributed.main_first() if node.get("pretrained") else contextlib.nullcontext():
+        try:
+            model = create_model(node.name, data.num_classes, data.in_channels, **model_options_of(node))
+        except OptionRefused as exc:
+            raise exc.on(role) from None
     check_runs_at(model, data.image_shape, f"{role}={node.name}",
                   f"choose another model, or a dataset of larger images than {cfg.dataset.name}")
     return model

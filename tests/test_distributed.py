@@ -247,6 +247,21 @@ def test_a_refusal_that_rank_0_finds_reaches_every_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_published_weights_are_fetched_by_rank_0_and_its_failure_reaches_the_others(tmp_path):
+    """Offline: rank 0's download of a student's published weights fails in one line; rank 1 stops with rank 0's
+    error instead of trying the download itself (or waiting)."""
+    offline = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9",
+               "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+    result = torchrun(tmp_path, "method=ce", "student=torchvision/resnet18", "student.pretrained=true",
+                      "results_dir=res", env=offline)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "kdrun: error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("kdrun: error: student.pretrained=true cannot load")
+    assert any(line.startswith("[rank 1]") and "rank 0 failed" in line for line in result.stderr.splitlines())
+    assert not (tmp_path / "res").exists()
+
+
+@pytest.mark.slow
 def test_a_sweep_under_torchrun_is_refused(tmp_path):
     result = torchrun(tmp_path, "-m", "method=ce,kd", "results_dir=res")
     assert result.returncode != 0
