@@ -50,7 +50,9 @@ def launched_world_size() -> int:
 def export_slurm_environment() -> None:
     """Several SLURM tasks of one job (the submitit launcher with tasks_per_node > 1): torch's variables from
     SLURM's, through submitit's own helper."""
-    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1") or 1) <= 1:
+    # SLURM_STEP_NUM_TASKS is set inside an srun step (as submitit starts a job's tasks), not in a batch script,
+    # so a plain `kdrun` in an sbatch script with --ntasks=4 stays one process.
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) <= 1:
         return
     if "SLURM_PROCID" not in os.environ:
         return
@@ -103,25 +105,73 @@ def device_for(device: torch.device) -> torch.device:
 
 @contextlib.contextmanager
 def main_first():
-    """Rank 0 runs the block first (it may train and store the teacher); the others run it once it is done,
-    finding what rank 0 stored."""
+    """Rank 0 runs the block first (it may train and store the teacher, download published weights); the others
+    run it once it is done, finding what rank 0 stored. When the block fails on rank 0, the others fail with its
+    error instead of running it (or waiting on)."""
     if _world is None:
         yield
         return
-    if _world.rank != 0:
-        dist.barrier()
-    yield
     if _world.rank == 0:
-        dist.barrier()
-
-
-def from_main(value):
-    """Rank 0's `value` on every process (the run directory it chose, its resume decision)."""
-    if _world is None:
-        return value
-    box = [value]
+        try:
+            yield
+        except BaseException as exc:
+            dist.broadcast_object_list([f"{type(exc).__name__}: {exc}"], src=0)
+            raise
+        dist.broadcast_object_list([None], src=0)
+        return
+    box = [None]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    if box[0] is not None:
+        from kdrun.errors import RunError
+
+        raise RunError(f"rank 0 failed: {box[0]}")
+    yield
+
+
+def from_main(decide):
+    """Rank 0's `decide()` on every process (the run directory it chose, its resume decision); when it raises a
+    ConfigError, every process raises it, rather than the others waiting for an answer."""
+    if _world is None:
+        return decide()
+    box = [None]
+    if _world.rank == 0:
+        try:
+            box = [(True, decide())]
+        except ConfigError as exc:
+            box = [(False, str(exc))]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise ConfigError(value)
+    return value
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process: a stop or a failure that all of them act on at the same step."""
+    if _world is None:
+        return flag
+    on = torch.device("cuda", torch.cuda.current_device()) if _world.backend == "nccl" else torch.device("cpu")
+    value = torch.tensor(int(flag), device=on)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def check_stop_together() -> None:
+    """`interrupt.check_stop` for a step every process reaches: all of them stop when any was signalled, so that
+    none is left waiting in the next step's gradient reduction."""
+    from kdrun.interrupt import Interrupted, stop_requested
+
+    if any_process(stop_requested() is not None):
+        raise Interrupted(f"stopped by {stop_requested() or 'a signal to another process'}")
+
+
+def share_buffers_of_main(method: nn.Module) -> None:
+    """Rank 0's batch-norm statistics on every process before an evaluation: the model each process evaluates
+    its share with is then the one rank 0 saves (DDP syncs buffers only at the start of each step)."""
+    if _world is None:
+        return
+    for buffer in method.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def sum_over_processes(*tensors: torch.Tensor) -> None:
@@ -206,12 +256,17 @@ def method_device(method: nn.Module) -> torch.device:
     return next(method.parameters()).device
 
 
-def use_sync_batchnorm(method: nn.Module) -> None:
-    """`ddp.sync_bn=true`: the batch norms of the student and its adapters (not the teacher's) compute their
-    statistics over the whole global batch. The new modules keep the same parameter and buffer tensors, so an
-    optimizer built before still holds them."""
-    for name, child in list(method.named_children()):  # the teacher is not among them (base.Method hides it)
-        setattr(method, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+def sync_batchnorm(student: nn.Module, name: str) -> nn.Module:
+    """`ddp.sync_bn=true`: the student's batch norms compute their statistics over the whole global batch.
+    torch's conversion would turn a batch norm that does more (timm's BatchNormAct2d: its activation) into a plain
+    SyncBatchNorm that no longer does it, so such a model is refused."""
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    for path, module in student.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module) not in plain:
+            raise ConfigError(f"ddp.sync_bn=true is not available for student={name}: its {path} is a "
+                              f"{type(module).__name__}, which SyncBatchNorm would replace with a plain batch norm "
+                              "(dropping what it adds); use ddp.sync_bn=false")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(student)
 
 
 def check_ddp_config(cfg, method_cls, device: torch.device) -> None:
@@ -227,6 +282,9 @@ def check_ddp_config(cfg, method_cls, device: torch.device) -> None:
     if cfg.batch_size < size:
         raise ConfigError(f"batch_size={cfg.batch_size} is the global batch and cannot be shared by {size} "
                           f"processes; give at least {size}")
+    if isinstance(cfg.eval_batch_size, int) and cfg.eval_batch_size < size:
+        raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} is shared by the {size} processes too; give at "
+                          f"least {size}")
     refusal = getattr(method_cls, "ddp_refusal", None)
     if refusal:
         raise ConfigError(f"method={cfg.method.name} cannot train over {size} processes: {refusal}; run it in one "

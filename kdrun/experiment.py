@@ -3,6 +3,7 @@ layer pairings) and writes nothing; only then does `execute` create the run dire
 teacher and train the student."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,10 +66,12 @@ def role_model(cfg: DictConfig, role: str, data: ImageData) -> nn.Module:
     """The teacher's or the student's model, refusals of its options naming the node (`student.pretrained`);
     a library model must also run on the dataset's images."""
     node = cfg[role]
-    try:
-        model = create_model(node.name, data.num_classes, data.in_channels, **model_options_of(node))
-    except OptionRefused as exc:
-        raise exc.on(role) from None
+    # published weights: rank 0 of several processes downloads them into the cache, the others then read it
+    with distributed.main_first() if node.get("pretrained") else contextlib.nullcontext():
+        try:
+            model = create_model(node.name, data.num_classes, data.in_channels, **model_options_of(node))
+        except OptionRefused as exc:
+            raise exc.on(role) from None
     check_runs_at(model, data.image_shape, f"{role}={node.name}",
                   f"choose another model, or a dataset of larger images than {cfg.dataset.name}")
     return model
@@ -100,6 +103,8 @@ def prepare(cfg: DictConfig) -> Plan:
                           "which uses no teacher")
     torch.manual_seed(cfg.seed)
     student = role_model(cfg, "student", data)
+    if distributed.active() and cfg.ddp.sync_bn:  # before the method's taps are placed on its modules
+        student = distributed.sync_batchnorm(student, cfg.student.name)
     direct_teacher = assistants[-1] if assistants else teacher
     method = method_cls(cfg.method, student.to(device), direct_teacher, data.num_classes).to(device)
     method.prepare(data.image_shape)
@@ -184,8 +189,6 @@ class Execution:
                                                     teacher_data, settings)
             write_result(run_dir / RESULT_FILE, record)
         method = self.method = compress(plan, record)  # a quantized or pruned student, or one started from the teacher
-        if distributed.active() and cfg.ddp.sync_bn:
-            distributed.use_sync_batchnorm(method)
         if plan.teacher is not None:
             self.transfer_run = TransferRun(cfg, plan.transfer, method, plan.student_loader,
                                             teacher_client(cfg, plan.teacher, data, settings), run_dir, settings,
@@ -215,6 +218,8 @@ class Execution:
         return f"{self.plan.cfg.method.name} {self.plan.cfg.student.name}"
 
     def save_state(self, state: dict) -> None:
+        if not distributed.is_main():  # only rank 0 writes: the others need not serialise it
+            return
         plan, method = self.plan, self.method
         wall_s = self.earlier_wall_s + time.perf_counter() - self.started
         state = {**state, "teacher_queries": method.teacher_queries}
@@ -275,7 +280,7 @@ def compress(plan: Plan, record: dict) -> Method:
     method.prepare(data.image_shape)
     method.kd_divergence = plan.method.kd_divergence
     plan.transfer.bind(method)
-    plan.method, plan.train_loader = method, method.wrap_train_loader(plan.student_loader)
+    plan.method, plan.train_loader = method, distributed.shard(method.wrap_train_loader(plan.student_loader))
     return method
 
 

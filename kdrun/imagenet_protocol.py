@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
+# What Method reads when a method's YAML has no such key (base.py): a recipe key must not turn it into null.
+BASE_DEFAULTS = {"T": 4.0, "alpha": 0.0}
 IMAGENET_METHOD_KEYS = {
     "kd": {"T": 1.0, "alpha": 0.5},
     "dkd": {"T": 1.0, "dkd_alpha": 1.0, "dkd_beta": 0.5, "warmup": 1},
@@ -18,7 +20,7 @@ IMAGENET_METHOD_KEYS = {
 
 def imagenet_method_key(method: str, key: str):
     """`${kdrun.imagenet_method:${method.name},KEY}`: the protocol's value, else the method's shipped default
-    (None for a method without the key, which then ignores it)."""
+    (the base default for T and alpha, None for the other keys of a method without them, which ignores them)."""
     value = IMAGENET_METHOD_KEYS.get(str(method), {}).get(str(key))
     if value is not None:
         return value
@@ -26,4 +28,4 @@ def imagenet_method_key(method: str, key: str):
 
     path = conf_dir() / "method" / f"{method}.yaml"
     shipped = OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.exists() else {}
-    return shipped.get(str(key))
+    return shipped.get(str(key), BASE_DEFAULTS.get(str(key)))

@@ -29,7 +29,14 @@ def print_unfolded(console: Console, table: Table) -> None:
 
 
 def print_error(prefix: str, message: object) -> None:
-    """One red-prefixed line on stderr; the message is escaped so `[s1,s1]` is not read as markup."""
+    """One red-prefixed line on stderr; the message is escaped so `[s1,s1]` is not read as markup. A process other
+    than rank 0 of a torchrun run prints nothing else, but its errors, prefixed with its rank."""
+    if console.quiet:
+        import os
+        import sys
+
+        sys.stderr.write(f"[rank {os.environ.get('RANK', '?')}] {prefix} {message}\n")
+        return
     console.print(f"[bold red]{prefix}[/bold red] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdrun import distributed
 from kdrun.checkpoint import load_verified
 from kdrun.epoch_state import ResumePoint
 from kdrun.errors import ConfigError, DamagedFile
@@ -73,6 +74,8 @@ def restore_training(path: Path, method, loader_rng, device: torch.device) -> Re
     try:
         state, _ = load_verified(path)
     except DamagedFile as exc:
+        if not distributed.is_main():  # rank 0 moves it (and every process starts over, as it does)
+            raise DamagedCheckpoint(f"{exc.reason}; rank 0 moves it aside") from None
         moved = [move_aside(p).name for p in (path, path.with_name("metrics.csv")) if p.exists()]
         raise DamagedCheckpoint(f"{exc.reason}; moved it aside ({', '.join(moved)})") from None
     if not {"rows", "stage_index", "rng", "method"} <= set(state):

@@ -29,10 +29,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None, search: bool = False, on_t
 def run_with_handlers(cfg: DictConfig, run_dir: Path | None, search: bool, on_target) -> dict:
     plan = prepare(cfg)
     explicit = Path(run_dir) if run_dir else (Path(cfg.run_dir) if cfg.get("run_dir") else None)
-    target = None
-    if distributed.is_main():  # rank 0 chooses the directory (a new one, or a twin to resume) for every process
-        target = choose_run_dir(cfg, config_hash(cfg), explicit, lambda: default_run_dir(cfg), search)
-    target = distributed.from_main(target)
+    # rank 0 chooses the directory (a new one, or a twin to resume) for every process
+    target = distributed.from_main(lambda: choose_run_dir(cfg, config_hash(cfg), explicit, lambda: default_run_dir(cfg),
+                                                          search))
     if on_target is not None:
         on_target(target.path)
     if target.completed is not None:

@@ -27,8 +27,10 @@ class NonFiniteLoss(RuntimeError):
 class FiniteGuard:
     """Collects each step's loss terms on the device and checks them every few steps."""
 
-    def __init__(self, names: list[str], check_every: int, stage: str, epoch: int, first_step: int):
+    def __init__(self, names: list[str], check_every: int, stage: str, epoch: int, first_step: int,
+                 over_processes: bool = False):
         self.names, self.check_every = names, check_every
+        self.over_processes = over_processes  # every process fails at the same step when any share is not finite
         self.stage, self.epoch, self.first_step = stage, epoch, first_step
         self.pending: list[torch.Tensor] = []
         self.checked = 0
@@ -43,6 +45,10 @@ class FiniteGuard:
             return
         block = torch.stack(self.pending)
         bad = ~torch.isfinite(block)
+        if self.over_processes and distributed.any_process(bool(bad.any())) and not bad.any():
+            raise NonFiniteLoss(f"a loss term is not finite in another process's share of a batch between steps "
+                                f"{self.first_step + self.checked} and {self.first_step + self.checked + len(self.pending) - 1}"
+                                f" (stage {self.stage}, epoch {self.epoch}); lower the lr or the term's weight")
         if bad.any():
             row, col = (int(i) for i in bad.nonzero()[0])
             step = self.first_step + self.checked + row
@@ -73,7 +79,10 @@ def train_epoch(method: Method, loader, optimizer, scheduler, settings: TrainSet
         if on_step:
             on_step()
         try:
-            check_stop()  # a SIGTERM/SIGINT ends the run here, between two steps
+            if not run.over_processes:
+                check_stop()  # a SIGTERM/SIGINT ends the run here, between two steps
+            elif run.sums.batches % run.settings.check_every == 0:  # every process at the same step
+                distributed.check_stop_together()
         except Interrupted as exc:
             run.guard_check()  # a non-finite term is the failure to report, not the signal
             raise EpochInterrupted(str(exc), run.sums) from None
@@ -96,7 +105,8 @@ class EpochRun:
         self.sums = sums or EpochSums()
         self.guard = None
         if self.sums.names is not None:
-            self.guard = FiniteGuard(self.sums.names, settings.check_every, method.stage, epoch, first_step)
+            self.guard = FiniteGuard(self.sums.names, settings.check_every, method.stage, epoch, first_step,
+                                     self.over_processes)
             self.guard.checked = self.sums.batches
 
     def step(self, images, labels, index) -> None:
@@ -110,7 +120,8 @@ class EpochRun:
             if unweighted:
                 raise RuntimeError(f"method {type(method).__name__} returned loss term '{unweighted[0]}' "
                                    f"without a weight (weights: {', '.join(weights)})")
-            self.guard = FiniteGuard(names, settings.check_every, method.stage, self.epoch, self.first_step)
+            self.guard = FiniteGuard(names, settings.check_every, method.stage, self.epoch, self.first_step,
+                                     self.over_processes)
             sums.start(names, settings.device)
         values = torch.stack([out.terms[n].float() for n in sums.names])
         self.guard.add(values)
@@ -133,7 +144,7 @@ class EpochRun:
         guard, sums = self.guard, self.sums
         guard.check()
         if self.over_processes:  # every process's share of the epoch: the sums one process would have
-            seen_count = torch.tensor(float(sums.seen), device=sums.total_sum.device)
+            seen_count = torch.tensor(sums.seen, dtype=torch.long, device=sums.total_sum.device)
             distributed.sum_over_processes(sums.term_sums, sums.total_sum, sums.correct, sums.labelled, seen_count)
             sums.seen = int(seen_count.item())
         seen = sums.seen
@@ -207,7 +218,8 @@ def fit_stages(method: Method, train_loader, test_loader, stages: list[Stage], o
                     **extra}
 
         for stage_epoch in range(done + 1, stage.epochs + 1):
-            check_stop()  # a signal during the last evaluation: the epoch checkpoint is the stop point
+            # a signal during the last evaluation: the epoch checkpoint is the stop point
+            distributed.check_stop_together() if step_module is not None else check_stop()
             epoch += 1
             method.begin_epoch(epoch)
             lr_now = optimizer.param_groups[0]["lr"] if partial_lr is None else partial_lr
@@ -224,6 +236,8 @@ def fit_stages(method: Method, train_loader, test_loader, stages: list[Stage], o
             sums = partial_lr = None
             train_seconds = time.perf_counter() - started
             step += stats.pop("steps")
+            if step_module is not None:
+                distributed.share_buffers_of_main(method)
             row = epoch_row(method, stats, stage.name, epoch, lr_now, test_loader, settings)
             row["epoch_s"] = time.perf_counter() - started
             row["images_per_s"] = train_loader.num_samples / train_seconds

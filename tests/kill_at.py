@@ -6,6 +6,10 @@
                                                   written (between two epochs)
     python tests/kill_at.py sigterm=N ARGS...     send itself SIGTERM in the N-th step instead (a clean stop)
 
+    python tests/kill_at.py batch=N ARGS...       die inside the N-th batch a training loop steps through (counted
+                                                  as EpochRun steps: the way to reach a process of a torchrun run)
+    python tests/kill_at.py batch_sigterm=N ARGS...  send itself SIGTERM in the N-th such step instead
+
 Under torchrun, KILL_RANK=R makes only the process of that rank die; the others run as they would.
 """
 import os
@@ -44,6 +48,15 @@ def main() -> None:
             original_check()
 
         kdrun.train.check_stop = check_stop
+    elif kind in ("batch", "batch_sigterm"):
+        original_step = kdrun.train.EpochRun.step
+
+        def step(self, *batch):
+            original_step(self, *batch)
+            if tick():
+                os.kill(os.getpid(), signal.SIGKILL if kind == "batch" else signal.SIGTERM)
+
+        kdrun.train.EpochRun.step = step
     elif kind == "checkpoint":
         original_save = kdrun.checkpoint.save_checkpoint
 

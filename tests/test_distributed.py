@@ -132,6 +132,7 @@ def test_a_last_batch_too_small_to_share_is_refused(pretend_world):
     (["teacher.cache_outputs=true"], "teacher.cache_outputs=true"),
     (["compile=true"], "compile=true"),
     (["batch_size=1"], "batch_size=1 is the global batch"),
+    (["eval_batch_size=1"], "eval_batch_size=1 is shared by the 2 processes"),
     (["ddp.sync_bn=true"], "ddp.sync_bn=true needs CUDA"),
 ])
 def test_what_cannot_run_over_processes_is_refused_in_one_line(pretend_world, overrides, message):
@@ -143,6 +144,18 @@ def test_what_cannot_run_over_processes_is_refused_in_one_line(pretend_world, ov
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")) as err:
         distributed.check_ddp_config(cfg, method_cls, torch.device("cpu"))
     assert "\n" not in str(err.value)
+
+
+def test_sync_bn_converts_plain_batch_norms_and_refuses_the_others():
+    import timm
+
+    from kdrun.models import create_model
+
+    converted = distributed.sync_batchnorm(create_model("resnet8", 10, 1), "resnet8")
+    kinds = {type(m) for m in converted.modules()}
+    assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
+    with pytest.raises(ConfigError, match=r"not available for student=timm/efficientnet_b0: its bn1 is a BatchNormAct2d"):
+        distributed.sync_batchnorm(timm.create_model("efficientnet_b0", num_classes=10), "timm/efficientnet_b0")
 
 
 def test_a_single_process_run_hashes_as_before(pretend_world):
@@ -178,12 +191,12 @@ def test_two_processes_write_the_metrics_one_process_writes(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_process_ends_the_run_and_it_resumes(tmp_path):
-    """Rank 1 dies (SIGKILL) right after the first epoch's checkpoint; torchrun ends rank 0; the run is recorded
+    """Rank 1 dies (SIGKILL) in the second epoch's third step; torchrun ends rank 0; the run is recorded
     incomplete, and the same command resumes it after epoch 1 to the metrics of an uninterrupted run. The
     teacher is trained by rank 0 inside the first torchrun while rank 1 waits."""
     common = ["method=kd", "teacher=resnet8", "student=resnet8", "epochs=3", "teacher.epochs=1", "batch_size=128",
               "teacher.cache_outputs=false", "results_dir=res"]
-    killed = torchrun(tmp_path, "checkpoint=1", *common, "run_dir=res/killed",
+    killed = torchrun(tmp_path, "batch=15", *common, "run_dir=res/killed",  # 12 steps an epoch
                       script=[str(TESTS / "kill_at.py")], env={"KILL_RANK": "1"})
     assert killed.returncode != 0
     record = json.loads((tmp_path / "res/killed/result.json").read_text())
@@ -200,6 +213,52 @@ def test_a_killed_process_ends_the_run_and_it_resumes(tmp_path):
     assert record["status"] == "completed" and record["resumed_after_epoch"] >= 1
     pd.testing.assert_frame_equal(metrics(tmp_path / "res/killed"), metrics(tmp_path / "res/whole"),
                                   check_exact=False, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_all_of_them_at_the_same_step_and_the_run_resumes(tmp_path):
+    """Rank 1 alone gets SIGTERM in its 15th step (the second epoch of 10 steps); both stop at the same point (the
+    next check every process makes: here the start of epoch 3), none is left waiting in a gradient reduction, the
+    run is recorded interrupted after epoch 2, and the same command resumes it."""
+    common = [*LINEAR, "dataset.n_train=200", "batch_size=20", "epochs=3", "results_dir=res", "run_dir=res/run"]
+    stopped = torchrun(tmp_path, "batch_sigterm=15", *common, script=[str(TESTS / "kill_at.py")],
+                       env={"KILL_RANK": "1"})
+    assert stopped.returncode != 0
+    record = json.loads((tmp_path / "res/run/result.json").read_text())
+    assert record["status"] == "interrupted", record.get("error")
+    assert len(pd.read_csv(tmp_path / "res/run/metrics.csv")) == 2
+    resumed = torchrun(tmp_path, *common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    record = json.loads((tmp_path / "res/run/result.json").read_text())
+    assert record["status"] == "completed" and record["resumed_after_epoch"] == 2
+    assert len(pd.read_csv(tmp_path / "res/run/metrics.csv")) == 3
+
+
+@pytest.mark.slow
+def test_a_refusal_that_rank_0_finds_reaches_every_process(tmp_path):
+    """The run directory is rank 0's decision: a run_dir holding another configuration is one line from it, and the
+    others stop with it rather than wait for a directory."""
+    first = one_process(tmp_path, *LINEAR, "results_dir=res", "run_dir=res/taken")
+    assert first.returncode == 0, first.stderr[-2000:]
+    refused = torchrun(tmp_path, *LINEAR, "epochs=2", "results_dir=res", "run_dir=res/taken")
+    assert refused.returncode != 0
+    lines = [line for line in refused.stderr.splitlines() if "kdrun: error:" in line]
+    assert lines and "run_dir=" in lines[0]
+
+
+@pytest.mark.slow
+def test_published_weights_are_fetched_by_rank_0_and_its_failure_reaches_the_others(tmp_path):
+    """Offline: rank 0's download of a student's published weights fails in one line; rank 1 stops with rank 0's
+    error instead of trying the download itself (or waiting)."""
+    offline = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9",
+               "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+    result = torchrun(tmp_path, "method=ce", "student=torchvision/resnet18", "student.pretrained=true",
+                      "results_dir=res", env=offline)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "kdrun: error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("kdrun: error: student.pretrained=true cannot load")
+    assert any(line.startswith("[rank 1]") and "rank 0 failed" in line for line in result.stderr.splitlines())
+    assert not (tmp_path / "res").exists()
 
 
 @pytest.mark.slow

@@ -53,6 +53,8 @@ def test_the_recipe_is_the_published_protocol():
     assert (dkd.T, dkd.alpha, dkd.dkd_alpha, dkd.dkd_beta, dkd.warmup, dkd.ce_weight) == (1.0, 0.0, 1.0, 0.5, 1, 1.0)
     at = compose_config(RECIPE, "method=at").method
     assert (at.beta, at.alpha) == (1000.0, 0.0)  # a method without ImageNet settings keeps its own
+    ce = compose_config(RECIPE, "method=ce").method  # and one without T or alpha gets the base defaults
+    assert (ce.T, ce.alpha) == (4.0, 0.0)
 
 
 @pytest.mark.slow

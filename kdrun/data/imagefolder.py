@@ -5,6 +5,7 @@ serves the same `(images, labels, indices)` batches as `TensorLoader`, on the de
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -122,6 +123,7 @@ class FolderLoader:
         self.sharded = False
         self.grad_scale = 1.0
         self._shares = None
+        self._rank_shift = 0
 
     def take_share(self, rank: int, size: int) -> None:
         """Over several processes (kdrun/distributed.py): decode only this process's contiguous share of each
@@ -129,8 +131,12 @@ class FolderLoader:
         sampler = (torch.utils.data.RandomSampler(self.dataset, generator=self.generator) if self.train
                    else torch.utils.data.SequentialSampler(self.dataset))
         self._shares = BatchShares(torch.utils.data.BatchSampler(sampler, self.batch_size, self.drop_last), rank, size)
+        # The generator must stay the same on every process (it shuffles); each one's augmentation draws from it
+        # shifted by its rank, so that image k of every share does not get the same crop and flip.
+        self._rank_shift = rank * RANK_SEED_STRIDE
         self.loader = DataLoader(self.dataset, batch_sampler=self._shares, num_workers=self.workers,
-                                 pin_memory=self._pin, generator=self.generator)
+                                 pin_memory=self._pin, generator=self.generator,
+                                 worker_init_fn=functools.partial(shift_worker_seed, self._rank_shift))
         self.sharded = True
 
     @property
@@ -150,7 +156,7 @@ class FolderLoader:
 
     def __iter__(self):
         if self.workers == 0 and self.train:
-            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator)) + self._rank_shift
             self.dataset.rng_state = torch.Generator().manual_seed(seed).get_state()
         else:
             self.dataset.rng_state = None
@@ -160,6 +166,15 @@ class FolderLoader:
             images = images.to(self.device, non_blocking=self._pin)
             yield (normalize(images, self.mean, self.std), labels.to(self.device, non_blocking=self._pin),
                    index.to(self.device, non_blocking=self._pin))
+
+
+RANK_SEED_STRIDE = 1_000_003  # apart from the worker ids (base seed + worker id) the DataLoader adds
+
+
+def shift_worker_seed(shift: int, worker_id: int) -> None:
+    """A DataLoader worker of a process other than rank 0: its torch seed shifted by the process's rank."""
+    if shift:
+        torch.manual_seed((torch.initial_seed() + shift) % 2**63)
 
 
 class BatchShares:
