@@ -2,15 +2,17 @@
 its adapters, each process training on its share of every global batch.
 
 What a user can rely on:
-- `batch_size` is the global batch; each of N processes trains on its 1/N of it (contiguous slices of the batch a
-  single process would draw, augmentation included, so the data order is the single-process one).
+- `batch_size` is the global batch; each of N processes trains on a contiguous 1/N of every batch a single process
+  would draw, in its order. In-memory data: the same crops and flips too (each process draws the whole batch's and
+  keeps its share). An image folder decodes only each process's share, augmented per process.
 - Gradients are averaged so that a step equals the single-process step on the whole batch: a process's loss is
   weighted by its share of the batch (the last batch of an epoch may split unevenly).
 - Losses, accuracies and test figures are reduced over the processes (sums of per-image terms and counts), so
   metrics.csv is the file one process would write, to float rounding, when the models have no batch statistics
   (or `ddp.sync_bn=true` on CUDA); a batch norm sees its process's share of the batch otherwise, as in every DDP.
-- Only rank 0 writes files (run directory, checkpoints, teacher cache); the others wait at a barrier while it
-  resolves or trains the teacher, then read it from the cache.
+- Only rank 0 writes run files (run directory, checkpoints, teacher cache) and decides what all do (the run
+  directory; the teacher, trained or downloaded while the others wait); its failures reach every process, and
+  every process stops at the same step when any is signalled or meets a non-finite loss.
 
 Written here rather than taken from a library: the training loop is kdrun's own (stages, resume, metrics), and
 what it needs of torch.distributed is a few collectives around it."""
