@@ -12,7 +12,8 @@ random uint8 images 3x32x32, 100 classes, crop 4 + flip): the peers' own loaders
 driven: scripts/bench_peers_loops.py.
 
     python scripts/bench_peers.py [--rounds 5] [--steps 30] [--warmup 3] [--device cpu|cuda] [--threads 2]
-        [--pairs resnet26:resnet8,resnet32x4:resnet8x4] [--variants minimal,kdrun,cache,fused,fused_cache,compiled,repdistiller,torchdistill]
+        [--pairs resnet26:resnet8,resnet32x4:resnet8x4]
+        [--variants minimal,kdrun,cache,fused,fused_cache,compiled,cache_compiled,fused_cache_cl,repdistiller,torchdistill]
         [--repdistiller PATH] [--images 128] [--sweep-epochs 240] [--out FILE.md]
     python scripts/bench_peers.py --rounds 1 --steps 3 --pairs resnet26:resnet8 --variants minimal,kdrun   # smoke
 """
@@ -37,7 +38,8 @@ from kdrun.config_store import compose_config  # noqa: E402
 from kdrun.models import create_model  # noqa: E402
 from kdrun.speed.views import view_count  # noqa: E402
 
-VARIANTS = ("minimal", "kdrun", "cache", "fused", "fused_cache", "compiled", "repdistiller", "torchdistill")
+VARIANTS = ("minimal", "kdrun", "cache", "fused", "fused_cache", "compiled", "cache_compiled", "fused_cache_cl",
+            "repdistiller", "torchdistill")
 PEERS = ("RepDistiller", "torchdistill")
 FUSED_JOBS = 4
 SWEEP_JOBS, SWEEP_IMAGES = 16, 50_000
@@ -52,6 +54,8 @@ def make_runners(opts, cfg, student, teacher, device, stack, cache: SharedCache)
         "fused": lambda: Fused(FUSED_JOBS, cfg, student, teacher, device, stack),
         "fused_cache": lambda: Fused(FUSED_JOBS, cfg, student, teacher, device, stack, cache),
         "compiled": lambda: Kdrun("compiled", cfg, student, teacher, device, stack),
+        "cache_compiled": lambda: Kdrun("cache_compiled", cfg, student, teacher, device, stack, cache),
+        "fused_cache_cl": lambda: Fused(FUSED_JOBS, cfg, student, teacher, device, stack, cache, channels_last=True),
         "repdistiller": lambda: RepDistiller(opts.repdistiller, cfg, student, teacher, device),
         "torchdistill": lambda: Torchdistill(cfg, student, teacher, device),
     }
@@ -139,6 +143,12 @@ def sweep_lines(rates: dict[str, list[float]], build, epochs: int) -> list[str]:
         lines.append(f"  {'kdrun fused K=' + str(FUSED_JOBS):24s} {duration(images / fused)} (no cache measured)")
     else:
         lines.append(f"  {label:24s} not estimated (fused runner not measured)")
+    if build_s is not None:  # the fastest sweeps kdrun runs: each job compiled, or fused groups in channels_last
+        for name, how in (("kdrun cache + compiled+CL", "one job after another, each compiled"),
+                          (f"kdrun fused K={FUSED_JOBS} + cache + CL", f"{SWEEP_JOBS // FUSED_JOBS} groups of "
+                                                                        f"{FUSED_JOBS}, channels_last")):
+            if name in medians:
+                lines.append(f"  {name:24s} {duration(build_s + images / medians[name])} (incl. the same build; {how})")
     return lines
 
 

@@ -111,14 +111,16 @@ class SharedCache:
 class Kdrun:
     """kdrun's own step (scripts/bench_steps.py's Variant: the registered `kd` Method, kdrun's optimizer,
     `train.train_epoch`, `step_speed.fast_steps`); `kind` plain, compiled (channels_last + torch.compile,
-    bench_steps' `both`) or cache (plain, with the teacher's logits looked up in the teacher-output cache)."""
+    bench_steps' `both`), cache (plain, with the teacher's logits looked up in the teacher-output cache) or
+    cache_compiled (both: the student compiled, the teacher's logits looked up)."""
 
     def __init__(self, kind: str, cfg, student, teacher, device, stack: contextlib.ExitStack,
                  cache: SharedCache | None = None, compile_mode: str = "default"):
-        self.name = {"plain": "kdrun", "compiled": "kdrun compiled+CL", "cache": "kdrun cache"}[kind]
-        self.variant = Variant("both" if kind == "compiled" else "plain", cfg, student, teacher, device,
-                               compile_mode, stack)
-        if kind == "cache":
+        self.name = {"plain": "kdrun", "compiled": "kdrun compiled+CL", "cache": "kdrun cache",
+                     "cache_compiled": "kdrun cache + compiled+CL"}[kind]
+        self.variant = Variant("both" if kind in ("compiled", "cache_compiled") else "plain", cfg, student, teacher,
+                               device, compile_mode, stack)
+        if kind in ("cache", "cache_compiled"):
             cache.attach(self.variant.method, self.variant.settings)
 
     def train(self, loader) -> float:
@@ -130,18 +132,21 @@ class Fused:
     alpha sweep's jobs differ only in those scalars) on the same batches, driven as `fused.trainer.fit_together`
     drives them: per batch the teacher runs once, or its cache is looked up once (`teacher_outputs`), then every
     job takes its own step (`train.EpochRun.step`, its own Method, optimizer, scheduler and random state) with
-    those outputs. images/s counts every job's images (K x the batches)."""
+    those outputs. images/s counts every job's images (K x the batches). `channels_last`: every job's models and
+    batches in channels_last (fused groups allow it; they refuse compile)."""
 
     def __init__(self, jobs: int, cfg, student, teacher, device, stack: contextlib.ExitStack,
-                 cache: SharedCache | None = None):
+                 cache: SharedCache | None = None, channels_last: bool = False):
         try:
             from kdrun.fused.trainer import RandomState, teacher_outputs
             from kdrun.train import EpochRun
         except ImportError:
             raise Skipped("skipped: not available (no kdrun/fused trainer in this tree)") from None
         self.teacher_outputs, self.epoch_run, self.random_state = teacher_outputs, EpochRun, RandomState
-        self.name = f"kdrun fused K={jobs}" + (" + cache" if cache is not None else "")
-        self.variants = [Variant("plain", cfg, student, teacher, device, "default", stack) for _ in range(jobs)]
+        self.name = f"kdrun fused K={jobs}" + (" + cache" if cache is not None else "") + (" + CL" if channels_last
+                                                                                          else "")
+        kind = "channels_last" if channels_last else "plain"
+        self.variants = [Variant(kind, cfg, student, teacher, device, "default", stack) for _ in range(jobs)]
         if not hasattr(self.variants[0].method, "use_given_teacher_outputs"):
             raise Skipped("skipped: not available (Method.use_given_teacher_outputs missing)")
         if cache is not None:
