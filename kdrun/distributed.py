@@ -206,31 +206,6 @@ def close(finished: bool) -> None:
     _world = None
 
 
-class ShardedLoader:
-    """This process's share of each batch of `loader`: the same batches as one process draws, sliced into N
-    contiguous parts. `grad_scale` is the factor on this process's loss that makes DDP's average of the N
-    gradients the gradient of the whole batch's mean loss (N x its share of the batch)."""
-
-    sharded = True
-
-    def __init__(self, loader, rank: int, size: int):
-        self.loader, self.rank, self.size = loader, rank, size
-        self.grad_scale = 1.0
-
-    def __getattr__(self, name):  # num_samples, generator, labels, augmentation, ... of the whole loader
-        return getattr(self.loader, name)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for images, labels, index in self.loader:
-            n = labels.shape[0]
-            lo, hi = n * self.rank // self.size, n * (self.rank + 1) // self.size
-            self.grad_scale = self.size * (hi - lo) / n
-            yield images[lo:hi], labels[lo:hi], index[lo:hi]
-
-
 def shard(loader):
     """This process's share of `loader`'s batches. An image folder decodes only its share (`take_share`); an
     in-memory loader draws each whole batch (cheap: crops and flips on the device) and is sliced."""
@@ -239,6 +214,8 @@ def shard(loader):
     if hasattr(loader, "take_share"):
         loader.take_share(_world.rank, _world.size)
         return loader
+    from kdrun.data.shards import ShardedLoader
+
     return ShardedLoader(loader, _world.rank, _world.size)
 
 
@@ -256,64 +233,3 @@ def wrap_for_step(method: nn.Module) -> nn.Module:
 
 def method_device(method: nn.Module) -> torch.device:
     return next(method.parameters()).device
-
-
-def sync_batchnorm(student: nn.Module, name: str) -> nn.Module:
-    """`ddp.sync_bn=true`: the student's batch norms compute their statistics over the whole global batch.
-    torch's conversion would turn a batch norm that does more (timm's BatchNormAct2d: its activation) into a plain
-    SyncBatchNorm that no longer does it, so such a model is refused."""
-    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    for path, module in student.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module) not in plain:
-            raise ConfigError(f"ddp.sync_bn=true is not available for student={name}: its {path} is a "
-                              f"{type(module).__name__}, which SyncBatchNorm would replace with a plain batch norm "
-                              "(dropping what it adds); use ddp.sync_bn=false")
-    return nn.SyncBatchNorm.convert_sync_batchnorm(student)
-
-
-def check_ddp_config(cfg, method_cls, device: torch.device) -> None:
-    """What cannot run over several processes, refused in one line before anything is written."""
-    from kdrun.step_speed import compile_mode  # not at import: checkpoint.py imports this module
-    size = _world.size if _world is not None else 1
-    ddp = cfg.get("ddp") or {}
-    if ddp.get("sync_bn") and size > 1 and device.type != "cuda":
-        raise ConfigError("ddp.sync_bn=true needs CUDA (torch's SyncBatchNorm has no CPU kernel); on the CPU "
-                          "each process's batch norms use its own share of the batch (ddp.sync_bn=false)")
-    if size <= 1:
-        return
-    if cfg.batch_size < size:
-        raise ConfigError(f"batch_size={cfg.batch_size} is the global batch and cannot be shared by {size} "
-                          f"processes; give at least {size}")
-    if isinstance(cfg.eval_batch_size, int) and cfg.eval_batch_size < size:
-        raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} is shared by the {size} processes too; give at "
-                          f"least {size}")
-    refusal = getattr(method_cls, "ddp_refusal", None)
-    if refusal:
-        raise ConfigError(f"method={cfg.method.name} cannot train over {size} processes: {refusal}; run it in one "
-                          "process")
-    reasons = []
-    if cfg.method.get("dot"):
-        reasons.append("method.dot=true (two backward passes per step)")
-    if cfg.transfer.name != "labelled":
-        reasons.append(f"transfer={cfg.transfer.name} (only the labelled training split is sharded)")
-    if str(cfg.teacher.get("access", "full")) != "full":
-        reasons.append(f"teacher.access={cfg.teacher.access}")
-    if cfg.teacher.get("cache_outputs") is True:
-        reasons.append("teacher.cache_outputs=true (each process runs its frozen teacher; set it to auto or false)")
-    if compile_mode(cfg) is not None:
-        reasons.append("compile=true")
-    for key in ("quantize", "prune"):
-        if cfg.student.get(key):
-            reasons.append(f"student.{key}")
-    if reasons:
-        raise ConfigError(f"{reasons[0]} is not available over {size} processes (torchrun); run it in one process")
-
-
-def check_shares(cfg, train_images: int) -> None:
-    """Every process needs an image of every batch, the epoch's last (shorter) batch included."""
-    size = _world.size
-    last = train_images % cfg.batch_size
-    if 0 < last < size:
-        raise ConfigError(f"the last batch of an epoch has {last} of the {train_images} training images "
-                          f"(batch_size={cfg.batch_size}), too few for {size} processes; choose a batch_size "
-                          f"that leaves at least {size} (or none) over")

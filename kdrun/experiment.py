@@ -17,7 +17,7 @@ from kdrun.compress import check_compression, compress_student, finish_student
 from kdrun.chain import assistant_names, build_assistants, check_chain, resolve_chain, root_identity
 from kdrun.checkpoint import atomic_write_text, load_checkpoint, load_weights, save_checkpoint
 from kdrun.data import ImageData, load_dataset
-from kdrun.distributed import check_ddp_config, check_shares
+from kdrun.distributed_checks import check_ddp_config, check_shares, sync_batchnorm
 from kdrun.errors import ConfigError, RunError
 from kdrun.interrupt import Interrupted, check_stop
 from kdrun.methods import METHODS, Method
@@ -104,7 +104,7 @@ def prepare(cfg: DictConfig) -> Plan:
     torch.manual_seed(cfg.seed)
     student = role_model(cfg, "student", data)
     if distributed.active() and cfg.ddp.sync_bn:  # before the method's taps are placed on its modules
-        student = distributed.sync_batchnorm(student, cfg.student.name)
+        student = sync_batchnorm(student, cfg.student.name)
     direct_teacher = assistants[-1] if assistants else teacher
     method = method_cls(cfg.method, student.to(device), direct_teacher, data.num_classes).to(device)
     method.prepare(data.image_shape)

@@ -16,7 +16,9 @@ import torch
 
 from kdrun import distributed
 from kdrun.data.loader import TensorLoader
-from kdrun.distributed import ShardedLoader, World
+from kdrun import distributed_checks
+from kdrun.data.shards import ShardedLoader
+from kdrun.distributed import World
 from kdrun.errors import ConfigError
 
 from conftest import compose_config
@@ -119,8 +121,8 @@ def test_a_last_batch_too_small_to_share_is_refused(pretend_world):
     pretend_world(0, 2)
     cfg = compose_config(*LINEAR, "batch_size=25")
     with pytest.raises(ConfigError, match="last batch of an epoch has 1 of the 101 training images"):
-        distributed.check_shares(cfg, 101)
-    distributed.check_shares(compose_config(*LINEAR), 101)
+        distributed_checks.check_shares(cfg, 101)
+    distributed_checks.check_shares(compose_config(*LINEAR), 101)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -142,7 +144,7 @@ def test_what_cannot_run_over_processes_is_refused_in_one_line(pretend_world, ov
     cfg = compose_config(*overrides)
     method_cls = configure(cfg)
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")) as err:
-        distributed.check_ddp_config(cfg, method_cls, torch.device("cpu"))
+        distributed_checks.check_ddp_config(cfg, method_cls, torch.device("cpu"))
     assert "\n" not in str(err.value)
 
 
@@ -151,11 +153,11 @@ def test_sync_bn_converts_plain_batch_norms_and_refuses_the_others():
 
     from kdrun.models import create_model
 
-    converted = distributed.sync_batchnorm(create_model("resnet8", 10, 1), "resnet8")
+    converted = distributed_checks.sync_batchnorm(create_model("resnet8", 10, 1), "resnet8")
     kinds = {type(m) for m in converted.modules()}
     assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
     with pytest.raises(ConfigError, match=r"not available for student=timm/efficientnet_b0: its bn1 is a BatchNormAct2d"):
-        distributed.sync_batchnorm(timm.create_model("efficientnet_b0", num_classes=10), "timm/efficientnet_b0")
+        distributed_checks.sync_batchnorm(timm.create_model("efficientnet_b0", num_classes=10), "timm/efficientnet_b0")
 
 
 def test_a_single_process_run_hashes_as_before(pretend_world):

@@ -181,7 +181,7 @@ class BatchShares:
     """A process's contiguous share of each batch of `batches` (a BatchSampler); the factor its loss gets (its
     share of the batch times the processes) is queued per batch, since the DataLoader samples ahead. An empty
     share (a test set's last batch smaller than the processes) is left out: training refuses batches that would
-    leave one empty (distributed.check_shares), and evaluation sums its counts only at the end."""
+    leave one empty (distributed_checks.check_shares), and evaluation sums its counts only at the end."""
 
     def __init__(self, batches, rank: int, size: int):
         self.batches, self.rank, self.size = batches, rank, size
