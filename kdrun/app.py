@@ -13,6 +13,7 @@ from omegaconf import DictConfig, open_dict
 from rich.markup import escape
 
 from kdrun import distributed
+from kdrun.distributed_checks import check_ddp_keys
 from kdrun.errors import ConfigError, OutputError, RunError
 from kdrun.experiment import base_record, config_hash, configure
 from kdrun.run_one import run
@@ -60,6 +61,7 @@ def experiment_job(cfg: DictConfig) -> None:
 
 def join_processes(cfg: DictConfig) -> None:
     """Under torchrun (or several SLURM tasks), join the others; only rank 0 prints, as only it writes."""
+    check_ddp_keys(cfg.get("ddp") or {})
     try:
         world = distributed.setup(cfg.get("ddp") or {}, str(cfg.device))
     except (RuntimeError, ValueError) as exc:

@@ -22,6 +22,20 @@ def sync_batchnorm(student: nn.Module, name: str) -> nn.Module:
     return nn.SyncBatchNorm.convert_sync_batchnorm(student)
 
 
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+def check_ddp_keys(ddp) -> None:
+    """The `ddp` keys, checked in every run (one process too), so a typo is not found only on the cluster."""
+    sync_bn, backend, timeout = ddp.get("sync_bn", False), ddp.get("backend", "auto"), ddp.get("timeout_min", 720)
+    if not isinstance(sync_bn, bool):
+        raise ConfigError(f"ddp.sync_bn={sync_bn} is not allowed: true or false")
+    if backend not in BACKENDS:
+        raise ConfigError(f"ddp.backend={backend} is not allowed: one of {', '.join(BACKENDS)}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError(f"ddp.timeout_min={timeout} is not allowed: a number of minutes > 0")
+
+
 def check_ddp_config(cfg, method_cls, device: torch.device) -> None:
     """What cannot run over several processes, refused in one line before anything is written."""
     from kdrun.step_speed import compile_mode  # not at import: checkpoint.py imports this module

@@ -148,6 +148,15 @@ def test_what_cannot_run_over_processes_is_refused_in_one_line(pretend_world, ov
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("key, message", [("ddp.sync_bn=yes", "ddp.sync_bn=yes is not allowed: true or false"),
+                                          ("ddp.backend=mpi", "ddp.backend=mpi is not allowed: one of auto, gloo, nccl"),
+                                          ("ddp.timeout_min=0", "ddp.timeout_min=0 is not allowed")])
+def test_bad_ddp_keys_are_refused_even_in_one_process(kdrun, capsys, key, message):
+    code, results = kdrun(key)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and results == [] and len(lines) == 1 and lines[0].startswith(f"kdrun: error: {message}")
+
+
 def test_sync_bn_converts_plain_batch_norms_and_refuses_the_others():
     import timm
 
