@@ -42,7 +42,8 @@ def experiment_job(cfg: DictConfig) -> None:
             run(cfg)
             distributed.close(finished=True)
         except ConfigError as exc:
-            print_error("kdrun: error:", exc)
+            if distributed.is_main():  # every process refuses the same configuration: one line is enough
+                print_error("kdrun: error:", exc)
             sys.exit(2)
         except OutputError as exc:  # a file in the way, a read-only or full disk: before or during training
             print_error("kdrun: error:", exc)

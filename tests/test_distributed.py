@@ -254,7 +254,7 @@ def test_a_refusal_that_rank_0_finds_reaches_every_process(tmp_path):
     refused = torchrun(tmp_path, *LINEAR, "epochs=2", "results_dir=res", "run_dir=res/taken")
     assert refused.returncode != 0
     lines = [line for line in refused.stderr.splitlines() if "kdrun: error:" in line]
-    assert lines and "run_dir=" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("kdrun: error:") and "run_dir=" in lines[0]
 
 
 @pytest.mark.slow
