@@ -62,7 +62,15 @@ def check_flag_combination(argv: list[str]) -> None:
 
 def fuse_launcher(argv: list[str]) -> list[str]:
     """`fuse=true` / `fuse=K` in a sweep: the kdrun_fused launcher trains the jobs that differ only in method
-    scalars together (kdrun/fused). It is the launcher's setting, not the runs': their configs stay as alone."""
+    scalars, the student or the seed together (kdrun/fused). It is the launcher's setting, not the runs': their
+    configs stay as alone. `fuse.data_seed=N` is `data_seed=N` for every job (seeds then share their batches)
+    and implies fuse=true."""
+    data_seeds = [a for a in argv if a.split("=", 1)[0] in ("fuse.data_seed", "+fuse.data_seed")]
+    if data_seeds:
+        argv = [a for a in argv if a not in data_seeds]
+        argv.append("data_seed=" + data_seeds[-1].split("=", 1)[1])
+        if not any(a.split("=", 1)[0] in ("fuse", "+fuse") for a in argv):
+            argv.append("fuse=true")
     fuses = [a for a in argv if a.split("=", 1)[0] in ("fuse", "+fuse")]
     if not fuses:
         return argv

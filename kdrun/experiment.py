@@ -113,7 +113,8 @@ def prepare(cfg: DictConfig) -> Plan:
     if cfg.transfer.get("divergence"):
         method.kd_divergence = cfg.transfer.divergence
     transfer.bind(method)
-    student_loader, test_loader = student_loaders(transfer, data, cfg.batch_size, device, cfg.seed, cfg.eval_batch_size)
+    data_seed = cfg.seed if cfg.get("data_seed") is None else cfg.data_seed  # batch order, crops, flips
+    student_loader, test_loader = student_loaders(transfer, data, cfg.batch_size, device, data_seed, cfg.eval_batch_size)
     loader_rng = student_loader.generator
     train_loader = method.wrap_train_loader(student_loader)  # may refuse (e.g. a loader it cannot pair)
     settings = TrainSettings(device, cfg.precision, **step_settings(cfg))  # compile, channels_last

@@ -38,6 +38,8 @@ def config_hash(cfg: DictConfig) -> str:
         container.pop(key, None)
     hash_as_before(cfg, container)  # compile, channels_last, tf32 and eval_batch_size=auto (step_speed.py)
     hash_processes(container)  # a single-process run hashes as before the ddp keys
+    if container.get("data_seed", None) in (None, cfg.seed):  # the loader's seed is the seed: as before the key
+        container.pop("data_seed", None)
     # The defaults of the transfer group and of teacher access leave the hash of earlier runs as it was.
     if container.get("transfer") == DEFAULT_TRANSFER:
         container.pop("transfer")
@@ -101,6 +103,7 @@ def base_record(cfg: DictConfig, run_dir: Path, device: str) -> dict:
         "run_id": run_dir.name, "status": "running", "error": None,
         "method": cfg.method.name, "teacher": cfg.teacher.name if uses_teacher else None,
         "student": cfg.student.name, "dataset": cfg.dataset.name, "seed": cfg.seed,
+        **({"data_seed": cfg.data_seed} if cfg.get("data_seed") is not None else {}),
         "T": cfg.method.get("base_T") if cfg.method.get("logit_standardize") is True else cfg.method.get("T"),
         "alpha": cfg.method.get("alpha"), "beta": cfg.method.get("beta"),
         **method_keys, **dataset_keys, **model_keys,

@@ -30,6 +30,9 @@ def check_config(cfg: DictConfig, needs_teacher: bool) -> None:
         _require(isinstance(value, int) and value >= 1, key, value, "must be an integer >= 1")
     seed = _number(cfg, "seed")
     _require(isinstance(seed, int) and seed >= 0, "seed", seed, "must be an integer >= 0")
+    data_seed = _number(cfg, "data_seed")
+    _require(data_seed is None or (isinstance(data_seed, int) and data_seed >= 0), "data_seed", data_seed,
+             "must be null (the seed's) or an integer >= 0")
     temperature = _number(cfg, "method.T")
     if temperature is not None:
         _require(temperature > 0, "method.T", temperature, "the temperature must be > 0")

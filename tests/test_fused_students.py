@@ -98,11 +98,51 @@ def test_grouping_keeps_other_students_methods_and_seeds_apart():
                compose_config(*base, "method=fitnet"), compose_config(*base, "method=fitnet", "seed=1"),
                compose_config(*base, "method.T=3", "compile=true")]
     groups, alone = group_jobs(configs, None)
-    assert groups == [[0, 1, 5]]
-    assert set(alone) == {2, 3, 4, 6, 7, 8}
+    assert groups == [[0, 1, 2, 5]]  # another student sees the same batches; another seed does not
+    assert set(alone) == {3, 4, 6, 7, 8}
     assert "several stages" in alone[6] and "compile=true" in alone[8]
     groups, alone = group_jobs(configs, 2)
-    assert groups == [[0, 1]] and 5 in alone
+    assert groups == [[0, 1], [2, 5]]
+
+
+def test_seeds_that_share_a_data_seed_are_fused_and_others_not():
+    from kdrun.fused.grouping import group_jobs
+
+    configs = [compose_config("data_seed=0", "seed=1"), compose_config("data_seed=0", "seed=2", "student=resnet14"),
+               compose_config("data_seed=1", "seed=3"), compose_config("seed=4"), compose_config("seed=5")]
+    groups, alone = group_jobs(configs, None)
+    assert groups == [[0, 1]] and set(alone) == {2, 3, 4}
+
+
+def test_data_seed_equal_to_the_seed_is_the_same_run_and_another_is_not():
+    from kdrun.run_record import config_hash
+
+    plain = config_hash(compose_config("seed=3"))
+    assert config_hash(compose_config("seed=3", "data_seed=3")) == plain
+    assert config_hash(compose_config("seed=3", "data_seed=0")) != plain
+
+
+def test_a_negative_data_seed_is_refused_in_one_line(capsys):
+    assert run_cli("data_seed=-1") == 2
+    err = capsys.readouterr().err
+    assert "data_seed=-1" in err and "integer >= 0" in err and len(err.strip().splitlines()) == 1
+
+
+def test_fused_seeds_and_students_on_one_data_seed_match_each_job_alone(tmp_path, capsys):
+    one = [*FAST, "epochs=1"]
+    assert run_cli("-m", *one, f"results_dir={tmp_path}", "seed=1,2", "student=resnet8,resnet14",
+                   "fuse.data_seed=0") == 0
+    assert "kdrun: fuse: 1 fused group: jobs 0,1,2,3 (4 jobs)" in capsys.readouterr().err
+    _, jobs = sweep_jobs(tmp_path)
+    fused = {o: Path(r["run_dir"]) for o, r in jobs.items()}
+    assert len(fused) == 4 and len({tuple(map(str, metrics(d)[0].values())) for d in fused.values()}) == 4
+    for seed, student in (("1", "resnet8"), ("2", "resnet14")):
+        run_dir = next(d for o, d in fused.items() if f"seed={seed}" in o.split() and f"student={student}" in o)
+        alone = tmp_path / "alone" / f"{seed}{student}"
+        assert run_cli(*one, f"results_dir={tmp_path}", f"run_dir={alone}", f"seed={seed}", f"student={student}",
+                       "data_seed=0") == 0
+        assert metrics(run_dir) == metrics(alone)
+        assert result(run_dir)["data_seed"] == 0 and result(run_dir)["config_hash"] == result(alone)["config_hash"]
 
 
 @pytest.mark.parametrize("args", [["fuse=true"], ["-m", "fuse=1"], ["-m", "fuse=yes_please"],

@@ -1,5 +1,6 @@
-"""Which jobs of a sweep can train together: the same configuration but for the method scalars that leave
-the batches unchanged (FUSABLE_KEYS), and a method and setting the fused trainer supports."""
+"""Which jobs of a sweep can train together: the same configuration but for what leaves the batches unchanged
+(the method scalars of FUSABLE_KEYS, the student, the seed where `data_seed` gives the loader its own), and a
+method and setting the fused trainer supports."""
 from __future__ import annotations
 
 import json
@@ -29,9 +30,14 @@ def fusion_refusal(cfg: DictConfig) -> str | None:
 
 
 def fusion_key(cfg: DictConfig) -> str:
-    """Jobs with equal keys may be fused: the whole configuration but the fusable method scalars."""
+    """Jobs with equal keys may be fused: the whole configuration but the fusable method scalars, the student
+    (each job builds its own: another architecture, width or init sees the same batches) and, where the loader
+    has a seed of its own (data_seed), the seed."""
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("hydra", None)
+    container.pop("student", None)
+    if container.get("data_seed") is not None:
+        container.pop("seed", None)
     method = container.get("method") or {}
     for key in FUSABLE_KEYS:
         method.pop(key, None)
@@ -57,6 +63,6 @@ def group_jobs(configs: list[DictConfig], limit: int | None) -> tuple[list[list[
             if len(chunk) > 1:
                 groups.append(chunk)
             else:
-                alone[chunk[0]] = "no other job differs from it in method scalars alone"
+                alone[chunk[0]] = "no other job differs from it only in method scalars, the student or (with data_seed) the seed"
     groups.sort(key=lambda g: g[0])
     return groups, alone
