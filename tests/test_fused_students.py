@@ -1,5 +1,6 @@
-"""Fused students (`kdrun -m ... fuse=true`): jobs differing only in method scalars train in one process on
-the same batches, one teacher forward per batch for the group, each job's outputs as if it had run alone."""
+"""Fused students (`kdrun -m ... fuse=true`): jobs differing only in method scalars, the student or (with
+data_seed) the seed train in one process on the same batches, one teacher forward per batch for the group,
+each job's outputs as if it had run alone."""
 import csv
 import json
 from pathlib import Path
