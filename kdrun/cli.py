@@ -64,7 +64,19 @@ def fuse_launcher(argv: list[str]) -> list[str]:
     """`fuse=true` / `fuse=K` in a sweep: the kdrun_fused launcher trains the jobs that differ only in method
     scalars, the student or the seed together (kdrun/fused). It is the launcher's setting, not the runs': their
     configs stay as alone. `fuse.data_seed=N` is `data_seed=N` for every job (seeds then share their batches)
-    and implies fuse=true."""
+    and implies fuse=true. `fuse.stack=true` (default false) steps the students of one architecture as one
+    vmapped model (kdrun/fused/stacked.py), a launcher setting too; it implies fuse=true."""
+    stacks = [a for a in argv if a.split("=", 1)[0] in ("fuse.stack", "+fuse.stack")]
+    stack = None
+    if stacks:
+        argv = [a for a in argv if a not in stacks]
+        raw = stacks[-1].split("=", 1)[1] if "=" in stacks[-1] else ""
+        value = raw.strip().strip("'\"").lower()
+        if value not in ("true", "false"):
+            raise ConfigError(f"fuse.stack={raw} is not allowed: true or false")
+        stack = value
+        if stack == "true" and not any(a.split("=", 1)[0] in ("fuse", "+fuse") for a in argv):
+            argv.append("fuse=true")
     data_seeds = [a for a in argv if a.split("=", 1)[0] in ("fuse.data_seed", "+fuse.data_seed")]
     if data_seeds:
         argv = [a for a in argv if a not in data_seeds]
@@ -77,6 +89,9 @@ def fuse_launcher(argv: list[str]) -> list[str]:
     value = fuses[-1].split("=", 1)[1].strip().strip("'\"").lower()
     rest = [a for a in argv if a not in fuses]
     if value in ("false", "0", "no", "off"):
+        if stack == "true":
+            raise ConfigError(f"fuse.stack=true stacks the students of a fused group: it cannot be combined "
+                              f"with fuse={value}")
         return rest
     if value in ("true", "yes", "on"):
         fuse = "true"
@@ -90,7 +105,8 @@ def fuse_launcher(argv: list[str]) -> list[str]:
     launchers = [a for a in rest if a.startswith("hydra/launcher=")]
     if launchers:
         raise ConfigError(f"fuse={value} trains fused jobs in this process: it cannot be combined with {launchers[0]}")
-    return [*rest, "hydra/launcher=kdrun_fused", f"hydra.launcher.fuse={fuse}"]
+    settings = [f"hydra.launcher.fuse={fuse}"] + ([f"hydra.launcher.stack={stack}"] if stack else [])
+    return [*rest, "hydra/launcher=kdrun_fused", *settings]
 
 
 def run_hydra(argv: list[str]) -> None:

@@ -110,6 +110,14 @@ class EpochRun:
             self.guard.checked = self.sums.batches
 
     def step(self, images, labels, index) -> None:
+        out, values = self.forward(images, labels, index)
+        total = self.method.optimizer_step(out, self.weights, self.optimizer, self.scaler)
+        self.scheduler.step()
+        self.count(out, values, total, labels)
+
+    def forward(self, images, labels, index):
+        """The step's forward and its loss terms, checked by the guard: (StepOutput, the terms stacked). A
+        stacked fused group (kdrun/fused/stacked.py) calls it, then its one backward, then `count`."""
         method, settings, sums, weights = self.method, self.settings, self.sums, self.weights
         begin_step(settings)
         with autocast(settings):
@@ -125,8 +133,11 @@ class EpochRun:
             sums.start(names, settings.device)
         values = torch.stack([out.terms[n].float() for n in sums.names])
         self.guard.add(values)
-        total = method.optimizer_step(out, weights, self.optimizer, self.scaler)
-        self.scheduler.step()
+        return out, values
+
+    def count(self, out, values: torch.Tensor, total: torch.Tensor, labels) -> None:
+        """The step into the epoch's sums, after its optimizer step."""
+        sums = self.sums
         batch = labels.shape[0]
         sums.term_sums += values.detach() * batch
         sums.total_sum += total.detach().float() * batch

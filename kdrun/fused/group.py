@@ -14,6 +14,7 @@ from kdrun.app import RUN_FAILURES, _remove_if_empty, find_completed, record_ref
 from kdrun.errors import ConfigError
 from kdrun.experiment import Execution, check_same_device, configure, prepare
 from kdrun.fused.launcher import FUSED_DIR, job_return, job_setup
+from kdrun.fused.stacked import stack_refusal
 from kdrun.fused.trainer import RandomState, can_fuse, fit_together
 from kdrun.interrupt import Interrupted, stop_on_signals, stop_requested
 from kdrun.interrupt import request as request_stop
@@ -39,8 +40,9 @@ class Member:
 
 
 class FusedGroup:
-    def __init__(self, hydra_context, task_function, configs: list[DictConfig]):
+    def __init__(self, hydra_context, task_function, configs: list[DictConfig], stack: bool = False):
         self.hydra_context, self.task_function, self.configs = hydra_context, task_function, configs
+        self.stack = stack  # fuse.stack=true: the students as one vmapped model, where stack_refusal allows
         self.lead_hydra = None
         self.counts: dict = {}
 
@@ -138,10 +140,11 @@ class FusedGroup:
         runs = [m.run for m in live]
         reason = can_fuse(runs) if len(runs) > 1 else "one job left"
         self.counts.update(fused=reason is None, reason=reason)
+        stacked = self.choose_stacking(live, runs, reason)
         if reason is None:
-            label = f"fused {len(runs)}x {runs[0].label}"
+            label = f"{'stacked' if stacked else 'fused'} {len(runs)}x {runs[0].label}"
             with RunProgress(label) as progress:
-                errors = fit_together(runs, progress, self.counts)
+                errors = fit_together(runs, progress, self.counts, stacked)
             for k, exc in errors.items():
                 live[k].error = exc
             return
@@ -159,6 +162,21 @@ class FusedGroup:
                     m.run.train(progress)
             except BaseException as exc:  # noqa: BLE001 - recorded in finish
                 m.error = exc
+
+    def choose_stacking(self, live: list[Member], runs, reason: str | None) -> bool:
+        """fuse.stack=true: whether the group's students step as one stacked model; one line when they cannot
+        (a group that trains one job after another has said why already). The group report records it."""
+        why = None if reason is None else f"the jobs train one after another ({reason})"
+        if self.stack and why is None:
+            why = stack_refusal(runs)
+            if why is not None:
+                console.print(escape(f"kdrun: fuse.stack: jobs {','.join(str(m.num) for m in live)} are not "
+                                     f"stacked, they step one after another: {why}"), highlight=False, soft_wrap=True)
+        stacked = self.stack and why is None
+        self.counts["stacked"] = stacked
+        if self.stack and not stacked:
+            self.counts["stack_reason"] = why
+        return stacked
 
     def finish(self, m: Member) -> None:
         run = m.run

@@ -44,7 +44,7 @@ def register_launcher() -> None:
     FusedLauncher.__module__ = PLUGIN_MODULE
     Plugins.instance()._register(FusedLauncher)
     ConfigStore.instance().store(group="hydra/launcher", name=FUSED_LAUNCHER,
-                                 node={"_target_": f"{PLUGIN_MODULE}.FusedLauncher", "fuse": True})
+                                 node={"_target_": f"{PLUGIN_MODULE}.FusedLauncher", "fuse": True, "stack": False})
 
 
 def fuse_limit(fuse) -> int | None:
@@ -53,9 +53,13 @@ def fuse_limit(fuse) -> int | None:
 
 
 class FusedLauncher(Launcher):
-    def __init__(self, fuse=True) -> None:
+    def __init__(self, fuse=True, stack=False) -> None:
         super().__init__()
-        self.fuse = fuse
+        if not isinstance(stack, bool):
+            from kdrun.errors import ConfigError
+
+            raise ConfigError(f"fuse.stack={stack} is not allowed: true or false")
+        self.fuse, self.stack = fuse, stack  # stack: fuse.stack, the students as one vmapped model (stacked.py)
         self.config = self.task_function = self.hydra_context = None
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
@@ -94,7 +98,7 @@ class FusedLauncher(Launcher):
 
         orig = HydraConfig.instance().cfg
         try:
-            return FusedGroup(self.hydra_context, self.task_function, configs).run()
+            return FusedGroup(self.hydra_context, self.task_function, configs, self.stack).run()
         finally:
             HydraConfig.instance().cfg = orig
 

@@ -15,6 +15,7 @@ import time
 import torch
 
 from kdrun.epoch_state import EpochSums
+from kdrun.fused.stacked import StackedStudents, stacked_step
 from kdrun.interrupt import Interrupted, check_stop
 from kdrun.schedule import build_scheduler
 from kdrun.step_speed import fast_steps, to_step_format
@@ -110,9 +111,10 @@ def can_fuse(runs) -> str | None:
     return None
 
 
-def fit_together(runs, progress, counts: dict) -> dict[int, BaseException]:
+def fit_together(runs, progress, counts: dict, stacked: bool = False) -> dict[int, BaseException]:
     """Train the runs on one loader; returns {position: exception} for the runs that failed or were stopped
-    (the others completed training). `counts` gets the group's batches and teacher forwards."""
+    (the others completed training). `counts` gets the group's batches and teacher forwards. `stacked`: the
+    students step as one vmapped model (stacked.py; the caller checked `stack_refusal`)."""
     lead = runs[0].plan
     loader, loader_rng, settings = lead.train_loader, lead.loader_rng, lead.settings
     errors: dict[int, BaseException] = {}
@@ -120,6 +122,7 @@ def fit_together(runs, progress, counts: dict) -> dict[int, BaseException]:
         for run in runs:
             stack.enter_context(fast_steps(run.method, settings))
         jobs = [FusedJob(run, len(loader), run.fused_rng, run.fused_loader_state) for run in runs]
+        stack = StackedStudents([job.method.student for job in jobs]) if stacked else None
         loader_rng.set_state(jobs[0].loader_state)
         first = jobs[0]
         if first.run.point is not None and first.run.point.partial is not None:
@@ -148,7 +151,12 @@ def fit_together(runs, progress, counts: dict) -> dict[int, BaseException]:
                     continue
                 images = to_step_format(images, settings)  # once: the same tensor reaches teacher and students
                 given = teacher_outputs([jobs[k] for k in active], images, index, settings, counts)
-                for k in list(active):
+                if stack is not None:
+                    for k, exc in stacked_step(stack, [(k, jobs[k]) for k in active], images, labels, index,
+                                               given).items():
+                        errors[k] = exc
+                        active.remove(k)
+                for k in list(active) if stack is None else ():
                     job = jobs[k]
                     try:
                         with job.rng.active():

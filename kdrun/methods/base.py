@@ -115,6 +115,7 @@ class Method(nn.Module):
         self._answers: tuple[torch.Tensor | None] = (None,)  # a black box's stored answers, by transfer index
         self._output_cache: tuple = (None,)  # the teacher's logits per (image, view), kdrun/speed/teacher_cache.py
         self._given: tuple | None = None  # this step's teacher outputs, computed once for a fused group (kdrun/fused)
+        self._given_student: torch.Tensor | None = None  # this step's student logits, from a stacked group's forward
         self.train_mode_hooks: list = []  # called with the method after every train()/eval() (a transfer set
                                           # that keeps the student's BN layers in eval mode, say)
 
@@ -294,6 +295,11 @@ class Method(nn.Module):
         images as if it had; asked about other images (a method's own augmented view), it runs as ever."""
         self._given = (logits, feats, queries, images)
 
+    def use_given_student_logits(self, logits: torch.Tensor) -> None:
+        """The next `forward` takes these as the student's logits instead of running the student: its slice of a
+        stacked group's one vmapped forward (kdrun/fused/stacked.py), for a method without student features."""
+        self._given_student = logits
+
     def run_teacher(self, images: torch.Tensor, index: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Teacher forward in eval mode under inference_mode; outputs are cloned into normal tensors so the
@@ -342,7 +348,8 @@ class Method(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         t_logits, t_feats = self.run_teacher(images, index)
-        s_logits, s_feats = self._student_tap(images)
+        given, self._given_student = self._given_student, None
+        s_logits, s_feats = (given, {}) if given is not None else self._student_tap(images)
         fw = Forward(s_logits, t_logits, s_feats, t_feats, labels, index)
         terms = self.response_terms(fw)
         if self.distilling():  # past kd_until_epoch the method's own (distillation) terms are not computed
