@@ -10,6 +10,7 @@ kdrun results_dir="$out/cache" "${common[@]}" teacher.cache_outputs=true
 kdrun results_dir="$out/channels_last" "${common[@]}" teacher.cache_outputs=false channels_last=true
 kdrun results_dir="$out/compile" "${common[@]}" teacher.cache_outputs=false compile=true
 kdrun -m results_dir="$out/fused" "${common[@]}" teacher.cache_outputs=false method.T=4,2 fuse=true
+kdrun -m results_dir="$out/stacked" "${common[@]}" teacher.cache_outputs=false method.T=4,2 fuse.stack=true
 kdrun results_dir="$out/solo_T2" "${common[@]}" teacher.cache_outputs=false method.T=2
 python - "$out" <<'PY'
 import json, sys
