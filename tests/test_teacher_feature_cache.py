@@ -18,7 +18,8 @@ from kdrun.speed.teacher_cache import TeacherOutputs, build_tables, mismatch, ou
 from kdrun.step_speed import to_step_format
 
 # 1437 digits at batch 128: 12 steps an epoch; 9 views per image (pad 1, no flip)
-RUN = ["epochs=2", "teacher.epochs=1", "batch_size=128", "teacher=resnet8", "student=resnet8", "method=at"]
+RUN = ["epochs=2", "teacher.epochs=1", "batch_size=128", "teacher=resnet8", "student=resnet8"]
+AT = [*RUN, "method=at"]
 FEATURES = ["teacher.cache_outputs=true", "teacher.cache_features=true"]
 TIMING = ["epoch_s", "images_per_s", "teacher_queries"]
 
@@ -81,20 +82,24 @@ def metrics(record: dict) -> pd.DataFrame:
     return pd.read_csv(Path(record["run_dir"]) / "metrics.csv").drop(columns=TIMING)
 
 
-def test_a_cached_feature_run_never_runs_the_teacher_and_trains_as_the_plain_run(tmp_path, capsys):
-    plain = run(tmp_path / "plain", "teacher.cache_outputs=false")
-    cached = run(tmp_path / "cached", *FEATURES)
+@pytest.mark.parametrize("method, layers", [
+    ("method=at", {"s1": (16, 8, 8), "s2": (32, 4, 4), "s3": (64, 2, 2)}),
+    ("method=fitnet method.hint_epochs=1", {"s2": (32, 4, 4)}),  # a hint stage, then the main one
+])
+def test_a_cached_feature_run_never_runs_the_teacher_and_trains_as_the_plain_run(method, layers, tmp_path, capsys):
+    method = method.split()
+    plain = run(tmp_path / "plain", *method, "teacher.cache_outputs=false")
+    cached = run(tmp_path / "cached", *method, *FEATURES)
     assert "teacher outputs resnet8: computing 1437 images x 9 views" in capsys.readouterr().err
-    assert cached["teacher_cache"] == "built" and cached["teacher_cache_features"] == ["s1", "s2", "s3"]
-    assert cached["teacher_queries"] == 0 and plain["teacher_queries"] == 2 * 1437
+    assert cached["teacher_cache"] == "built" and cached["teacher_cache_features"] == list(layers)
+    assert cached["teacher_queries"] == 0 and plain["teacher_queries"] >= 2 * 1437
     assert cached["teacher_sha256"] == plain["teacher_sha256"]
     pd.testing.assert_frame_equal(metrics(cached), metrics(plain), check_exact=True)
     for key in ("best_acc", "last_acc", "teacher_acc"):
         assert cached[key] == plain[key], key
     state, _ = load_verified(Path(cached["teacher_cache_file"]))
-    assert {n: tuple(t.shape) for n, t in state["features"].items()} == {
-        "s1": (1437, 9, 16, 8, 8), "s2": (1437, 9, 32, 4, 4), "s3": (1437, 9, 64, 2, 2)}
-    assert run_cli(f"results_dir={tmp_path / 'cached'}", *RUN, *FEATURES, "seed=1") == 0  # reads the stored table
+    assert {n: tuple(t.shape) for n, t in state["features"].items()} == {n: (1437, 9, *s) for n, s in layers.items()}
+    assert run_cli(f"results_dir={tmp_path / 'cached'}", *RUN, *method, *FEATURES, "seed=1") == 0  # reads the table
     records = [json.loads(p.read_text()) for p in (tmp_path / "cached").rglob("result.json")
                if "teachers" not in p.parts]
     assert sorted(r["teacher_cache"] for r in records) == ["built", "stored"]
@@ -130,11 +135,11 @@ def test_feature_methods_the_cache_cannot_serve_are_refused_in_one_line(override
 def test_cache_features_counts_in_the_hash_only_beside_a_rounding_cache_dtype():
     """At cache_dtype=auto the stored features are the tap's own values: the same run, the same hash. At fp16 a
     feature method's features are rounded too only with cache_features=true, so there it counts."""
-    base = compose_config(*RUN)
-    assert config_hash(compose_config(*RUN, *FEATURES)) == config_hash(base)
-    assert config_hash(compose_config(*RUN, "teacher.cache_features=true")) == config_hash(base)
-    fp16 = compose_config(*RUN, "teacher.cache_dtype=fp16")
-    assert config_hash(compose_config(*RUN, "teacher.cache_dtype=fp16", "teacher.cache_features=true")) \
+    base = compose_config(*AT)
+    assert config_hash(compose_config(*AT, *FEATURES)) == config_hash(base)
+    assert config_hash(compose_config(*AT, "teacher.cache_features=true")) == config_hash(base)
+    fp16 = compose_config(*AT, "teacher.cache_dtype=fp16")
+    assert config_hash(compose_config(*AT, "teacher.cache_dtype=fp16", "teacher.cache_features=true")) \
         != config_hash(fp16)
 
 
@@ -143,7 +148,7 @@ def test_a_fused_feature_pair_looks_its_features_up_once_per_batch(tmp_path):
     batch for the group, each job as it trains alone with the cache."""
     from test_fused_students import metrics as rows, same_checkpoints, sweep_jobs
 
-    cached = [*RUN[1:], "epochs=1", *FEATURES]
+    cached = [*AT[1:], "epochs=1", *FEATURES]
     assert run_cli("-m", *cached, f"results_dir={tmp_path}", "method.beta=500,1000", "fuse=true") == 0
     sweep, jobs = sweep_jobs(tmp_path)
     group = json.loads((sweep / ".fused" / "0.json").read_text())
