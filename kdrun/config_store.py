@@ -21,12 +21,13 @@ def teacher_node(name: str) -> dict:
         "access": "full",          # full (module, features), logits or probabilities (a black box asked once per image)
         "query_budget": None,      # a black box's images at most (the transfer set is cut to fit)
         # The teacher's logits for every (image, augmentation view), computed once and looked up instead of
-        # running the teacher (logit methods: kd, dkd, dist, ...). auto: on where exact, within cache_max_gb and
-        # worth it (stored already, or epochs >= views per image); true: on, or a one-line refusal; false: off.
+        # running the teacher (logit methods: kd, dkd, dist, ...; feature methods with cache_features=true). auto:
+        # on where exact, within cache_max_gb and worth it (stored already, or epochs >= views per image); true:
+        # on, or a one-line refusal; false: off.
         "cache_outputs": "auto",
         "cache_dtype": "auto",     # auto: the dtype the teacher's logits have under `precision` (exact); fp32, bf16, fp16
-        "cache_max_gb": 2.0,       # the largest cache (images x views x classes x bytes, GB) that auto turns on
-        "cache_features": False,   # cache teacher features too: not available yet (a feature method runs the teacher)
+        "cache_max_gb": 2.0,       # the largest cache (images x views x (classes + feature values) x bytes, GB)
+        "cache_features": False,   # store the tapped teacher features too, so feature methods (fitnet, at, ...) use it
     }
 
 

@@ -27,6 +27,9 @@ from kdrun.train import CLASS_COLUMN, NonFiniteLoss, evaluate_classes
 DEFAULT_TRANSFER = {"name": "labelled", "labelled_fraction": 1.0, "split_seed": 0}
 # The teacher-output cache's keys (kdrun/speed/): at their defaults they leave earlier runs' hashes as they were;
 # cache_outputs and cache_max_gb never count (the cache at the default dtype is exact: the run is the same).
+# cache_features counts only beside a set cache_dtype: at cache_dtype=auto the stored features are the tap's own
+# values, so a run with them is the run without; at fp16/bf16 it decides whether a feature method's features are
+# rounded too (cache_features=false leaves such a method uncached), so then it is part of what is trained.
 TEACHER_CACHE_DEFAULTS = {"cache_dtype": "auto", "cache_features": False}
 TEACHER_CACHE_HOW = ("cache_outputs", "cache_max_gb")
 
@@ -49,6 +52,8 @@ def config_hash(cfg: DictConfig) -> str:
             teacher.pop(key)
     for key in TEACHER_CACHE_HOW:  # whether the exact teacher-output cache is used: how a run is made, not what
         teacher.pop(key, None)
+    if "cache_dtype" not in teacher:  # cache_dtype=auto: exact, so whether features are cached too is "how" as well
+        teacher.pop("cache_features", None)
     if container.get("method"):  # nor a method's modifier left off (logit standardization, DOT)
         container["method"] = drop_off_modifiers(container["method"])
     student = container.get("student") or {}

@@ -132,7 +132,7 @@ def test_true_is_refused_in_one_line_where_the_cache_cannot_be_exact(overrides, 
     ("teacher.cache_outputs=maybe", "auto, true or false"),
     ("teacher.cache_dtype=fp8", "fp32, bf16, fp16"),
     ("teacher.cache_max_gb=0", "a size in GB > 0"),
-    ("teacher.cache_features=true", "not available yet"),
+    ("teacher.cache_features=maybe", "true or false"),
 ])
 def test_bad_values_are_refused(override, fragment):
     with pytest.raises(ConfigError, match=fragment):

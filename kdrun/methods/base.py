@@ -113,7 +113,7 @@ class Method(nn.Module):
         self.kd_divergence = "kl"  # the kd term's divergence: kl (Hinton), or js (SSLD's, under transfer=label_free)
         self.teacher_queries = 0   # images the online teacher was run on (teacher.access=full)
         self._answers: tuple[torch.Tensor | None] = (None,)  # a black box's stored answers, by transfer index
-        self._output_cache: tuple = (None,)  # the teacher's logits per (image, view), kdrun/speed/teacher_cache.py
+        self._output_cache: tuple = (None,)  # the teacher's outputs per (image, view), kdrun/speed/teacher_cache.py
         self._given: tuple | None = None  # this step's teacher outputs, computed once for a fused group (kdrun/fused)
         self._given_student: torch.Tensor | None = None  # this step's student logits, from a stacked group's forward
         self.train_mode_hooks: list = []  # called with the method after every train()/eval() (a transfer set
@@ -284,8 +284,9 @@ class Method(nn.Module):
         self._answers = (logits,)
 
     def use_teacher_output_cache(self, cache) -> None:
-        """Look the teacher's logits up in a cache of every (image, view) (`cache.lookup(index)`) instead of
-        running it: for a method whose teacher use is the logits of the loader's batch alone."""
+        """Look the teacher's outputs up in a cache of every (image, view) (`cache.outputs(index)`: the logits,
+        and the tapped features under `teacher.cache_features=true`) instead of running it: for a method whose
+        teacher use is the outputs of the loader's batch alone."""
         self._output_cache = (cache,)
 
     def use_given_teacher_outputs(self, logits: torch.Tensor | None, feats: dict[str, torch.Tensor],
@@ -304,7 +305,7 @@ class Method(nn.Module):
                     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Teacher forward in eval mode under inference_mode; outputs are cloned into normal tensors so the
         student's loss may save them for backward. With a black box's stored answers, those of `index`; with
-        the teacher-output cache, the stored logits of `index` at the views the loader drew for them."""
+        the teacher-output cache, the stored logits (and features) of `index` at the views the loader drew."""
         given, self._given = self._given, None
         if not self.uses_teacher_outputs():
             return None, {}
@@ -323,7 +324,7 @@ class Method(nn.Module):
         if cache is not None:
             if index is None:
                 raise RuntimeError(f"{type(self).__name__}: the teacher-output cache is looked up by the batch's indices")
-            return cache.lookup(index), {}
+            return cache.outputs(index)
         with torch.inference_mode():
             logits, feats = self._teacher_tap(images)
         self.teacher_queries += images.shape[0]

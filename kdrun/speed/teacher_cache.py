@@ -1,5 +1,6 @@
 """The teacher-output cache: the frozen teacher's logits for every (image, view) of the student's transfer set,
-computed once and looked up by (index, view id) during training instead of running the teacher.
+computed once and looked up by (index, view id) during training instead of running the teacher; with
+`teacher.cache_features=true` a feature method's tapped teacher layers too (kdrun/speed/feature_cache.py).
 
 The teacher is in eval mode and never trains, and the in-memory augmentation draws every training image from
 a finite set of views (kdrun/speed/views.py), so its logits of a batch are rows of one N x V x K table. The
@@ -29,6 +30,8 @@ from kdrun.interrupt import check_stop
 from kdrun.models import file_label
 from kdrun.progress import console, print_error
 from kdrun.speed.cache_policy import CachePlan, size_text
+from kdrun.speed.feature_cache import (empty_feature_tables, feature_identity, feature_rows, features_mismatch,
+                                       store_features)
 from kdrun.speed.views import all_views
 
 FORMAT = 1  # bump when a change to how the table is built makes stored tables stale
@@ -37,16 +40,26 @@ FP16_MAX = torch.finfo(torch.float16).max
 
 
 class TeacherOutputs:
-    """The stored N x V x K logits on the training device; `lookup(index)` gives the batch's rows at the views
-    the loader drew for it, in the dtype the teacher's own forward would have given."""
+    """The stored N x V x K logits (and N x V x ... features of `plan.features`) on the training device;
+    `lookup(index)` gives the batch's logits at the views the loader drew for it, in the dtype the teacher's
+    own forward would have given, `outputs(index)` them and the features, as `Method.run_teacher` returns."""
 
-    def __init__(self, logits: torch.Tensor, loader, output_dtype: torch.dtype):
+    def __init__(self, logits: torch.Tensor, loader, output_dtype: torch.dtype,
+                 features: dict[str, torch.Tensor] | None = None, plan: CachePlan | None = None):
         self.logits = logits
         self.loader = loader
         self.output_dtype = output_dtype
+        self.features = features or {}
+        self.specs = plan.features if plan is not None else {}
 
     def lookup(self, index: torch.Tensor) -> torch.Tensor:
+        return self.outputs(index)[0] if self.features else self._logits(index, self.loader.views_of(index))
+
+    def outputs(self, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         views = self.loader.views_of(index)
+        return self._logits(index, views), feature_rows(self.features, self.specs, index, views)
+
+    def _logits(self, index: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
         return self.logits[index, views].to(self.output_dtype)
 
 
@@ -67,6 +80,8 @@ def outputs_identity(cfg, plan: CachePlan, loader, teacher_sha256: str, device: 
         "mean": loader.mean.flatten().tolist(), "std": loader.std.flatten().tolist(), "precision": str(cfg.precision),
         "dtype": plan.dtype_name, "device": device.type,
     }
+    if plan.features:  # absent for logits alone: those tables keep the names they were stored under
+        identity["features"] = feature_identity(plan)
     return json.loads(json.dumps(identity, sort_keys=True))  # as it reads back from the file
 
 
@@ -97,19 +112,29 @@ def attach_teacher_cache(cfg, plan: CachePlan, method, loader, teacher_sha256: s
     if plan.mode == "auto" and not path.is_file() and not worth_building(cfg, plan):
         return {}
     with locked(path):  # two jobs of a sweep: the second waits, then reads what the first stored
-        logits = read_outputs(path, identity, plan)
+        tables = read_outputs(path, identity, plan)
         source = "stored"
-        if logits is None:
-            logits = build_outputs(cfg, method, loader, plan, settings, f"teacher outputs {name}", path)
-            save_checkpoint(path, {"logits": logits.cpu(), "identity": identity, "views": plan.views})
+        if tables is None:
+            tables = build_tables(cfg, method, loader, plan, settings, f"teacher outputs {name}", path)
+            state = {"logits": tables[0].cpu(), "identity": identity, "views": plan.views}
+            if plan.features:
+                state["features"] = {layer: table.cpu() for layer, table in tables[1].items()}
+            save_checkpoint(path, state)
             source = "built"
-    method.use_teacher_output_cache(TeacherOutputs(logits.to(settings.device), loader, plan.output_dtype))
-    return {"teacher_cache": source, "teacher_cache_views": plan.views, "teacher_cache_dtype": plan.dtype_name,
-            "teacher_cache_file": str(path)}
+    logits, features = tables
+    features = {layer: table.to(settings.device) for layer, table in features.items()}
+    method.use_teacher_output_cache(TeacherOutputs(logits.to(settings.device), loader, plan.output_dtype, features,
+                                                   plan))
+    record = {"teacher_cache": source, "teacher_cache_views": plan.views, "teacher_cache_dtype": plan.dtype_name,
+              "teacher_cache_file": str(path)}
+    if plan.features:
+        record["teacher_cache_features"] = list(plan.features)
+    return record
 
 
-def read_outputs(path: Path, identity: dict, plan: CachePlan) -> torch.Tensor | None:
-    """The stored table when it is intact and is this run's; a damaged one is moved aside (None: build it)."""
+def read_outputs(path: Path, identity: dict, plan: CachePlan) -> tuple[torch.Tensor, dict] | None:
+    """The stored (logits, {layer: features}) when intact and this run's; a damaged file is moved aside (None:
+    build it)."""
     from kdrun.resume import move_aside
 
     if not path.is_file():
@@ -120,7 +145,7 @@ def read_outputs(path: Path, identity: dict, plan: CachePlan) -> torch.Tensor | 
     except DamagedFile as exc:
         problem = exc.reason
     if problem is None:
-        return state["logits"]
+        return state["logits"], (dict(state["features"]) if plan.features else {})
     moved = move_aside(path)
     print_error("kdrun:", f"teacher outputs {path} are damaged ({problem}); moved them to {moved.name}, "
                           "computing them again")
@@ -137,14 +162,20 @@ def mismatch(state, identity: dict, plan: CachePlan) -> str | None:
     if tuple(logits.shape) != expected or logits.dtype != plan.dtype:
         return (f"its table is {'x'.join(map(str, logits.shape))} {logits.dtype}, this run's is "
                 f"{'x'.join(map(str, expected))} {plan.dtype}")
-    return None
+    return features_mismatch(state, identity, plan) if plan.features else None
+
+
+def build_outputs(cfg, method, loader, plan: CachePlan, settings, label: str, path: Path) -> torch.Tensor:
+    """The logits table alone (`build_tables`)."""
+    return build_tables(cfg, method, loader, plan, settings, label, path)[0]
 
 
 @torch.no_grad()
-def build_outputs(cfg, method, loader, plan: CachePlan, settings, label: str, path: Path) -> torch.Tensor:
-    """The teacher's logits of every view of every image, N x V x K in the stored dtype, on the device; the
-    forwards hold `eval_batch_size` views each (whole images' worth, never a single view: a batch of one
-    takes other kernels on the CPU)."""
+def build_tables(cfg, method, loader, plan: CachePlan, settings, label: str, path: Path
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The teacher's logits of every view of every image, N x V x K in the stored dtype, on the device, and the
+    tap's features of `plan.features` likewise (N x V x feature shape); the forwards hold `eval_batch_size`
+    views each (whole images' worth, never a single view: a batch of one takes other kernels on the CPU)."""
     from kdrun.train import autocast
 
     images, views = loader.images, plan.views
@@ -153,10 +184,12 @@ def build_outputs(cfg, method, loader, plan: CachePlan, settings, label: str, pa
     if count > 1 and per_forward * views == 1:
         per_forward = 2
     table = torch.empty((count, views, plan.classes), dtype=plan.dtype, device=settings.device)
+    features = empty_feature_tables(plan, count, settings.device)
     method.teacher.eval()  # as it always is: the run's Method keeps it there
     starts = list(range(0, count, per_forward))
-    size = count * views * plan.classes * plan.dtype.itemsize  # the set as it is now (a selection may cut it)
-    about = f"{count} images x {views} views ({size_text(size)} {plan.dtype_name}) into {path}"
+    size = count * views * plan.view_bytes  # the set as it is now (a selection may cut it)
+    layers = f", features of {', '.join(plan.features)}" if plan.features else ""
+    about = f"{count} images x {views} views ({size_text(size)} {plan.dtype_name}{layers}) into {path}"
     started = time.perf_counter()
     channels_last = bool(getattr(settings, "channels_last", False))  # as `fit` runs the teacher (step_speed.py)
     with BuildProgress(label, len(starts), about) as progress, teacher_layout(method.teacher, channels_last):
@@ -169,14 +202,15 @@ def build_outputs(cfg, method, loader, plan: CachePlan, settings, label: str, pa
             if channels_last and batch.dim() == 4:  # the layout the run's steps give the teacher its batches in
                 batch = batch.contiguous(memory_format=torch.channels_last)
             with autocast(settings):
-                logits, _ = method._teacher_tap(batch)
+                logits, feats = method._teacher_tap(batch)
             if plan.dtype == torch.float16 and logits.dtype != torch.float16:
                 check_fp16_range(logits)
             table[start:start + len(chunk)] = logits.reshape(len(chunk), views, -1).to(plan.dtype)
+            store_features(features, feats, start, len(chunk), views, check_fp16_range)
             progress.advance()
     console.print(escape(f"{label}: {count * views} views computed in {time.perf_counter() - started:.1f} s"),
                   highlight=False, soft_wrap=True)
-    return table
+    return table, features
 
 
 @contextlib.contextmanager
@@ -201,10 +235,10 @@ def views_per_forward(cfg, device: torch.device) -> int:
     return 512 if device.type == "cuda" else 64
 
 
-def check_fp16_range(logits: torch.Tensor) -> None:
-    peak = logits.abs().max().item()
+def check_fp16_range(values: torch.Tensor, what: str = "the teacher's logits") -> None:
+    peak = values.abs().max().item()
     if peak > FP16_MAX:
-        raise RunError(f"teacher.cache_dtype=fp16: the teacher's logits reach {peak:.4g}, beyond float16's range "
+        raise RunError(f"teacher.cache_dtype=fp16: {what} reach {peak:.4g}, beyond float16's range "
                        f"({FP16_MAX:g}); give teacher.cache_dtype=bf16 or fp32")
 
 
