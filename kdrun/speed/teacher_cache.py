@@ -82,6 +82,8 @@ def outputs_identity(cfg, plan: CachePlan, loader, teacher_sha256: str, device: 
     }
     if plan.features:  # absent for logits alone: those tables keep the names they were stored under
         identity["features"] = feature_identity(plan)
+    if cfg.get("channels_last") is True:  # the teacher's kernels in that layout round otherwise: its own table
+        identity["channels_last"] = True
     return json.loads(json.dumps(identity, sort_keys=True))  # as it reads back from the file
 
 
