@@ -16,6 +16,7 @@ would change more than rounding or needs more than the logits: see `stack_refusa
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from omegaconf import OmegaConf
@@ -24,6 +25,10 @@ from torch.func import functional_call, vmap
 
 from kdrun.train import autocast
 
+# vmap has no batching rule for adaptive_avg_pool2d's as_strided_ and says so on every run; its slower fallback
+# is what the CPU figure in the README measures, and the warning tells a user nothing to do.
+warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the "
+                        "batching rule for aten::as_strided_")
 STACK_PRECISIONS = ("fp32", "bf16")  # fp16's loss scaler skips steps per job: one backward would mix them
 
 
