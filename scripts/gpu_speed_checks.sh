@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The speed checks that need a GPU, in one short run (about 8 minutes on one recent GPU):
+# The speed checks that need a GPU, in one short run (sized for about 8 minutes on one recent GPU; not yet run):
 #   1. scripts/bench_peers.py --device cuda on both pairs (kdrun plain, cache, fused, compiled against the
 #      minimal loop, torchdistill and, with REPDISTILLER=/path, RepDistiller);
 #   2. a 16-job T x alpha sweep of kd resnet26 -> resnet8 on Fashion-MNIST (1 epoch each), timed as whole
